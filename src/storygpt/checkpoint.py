@@ -1,0 +1,153 @@
+"""Files that hold a model: training checkpoints (in a run directory) and model directories.
+
+Run directory (what `storygpt train --out RUN` writes):
+    RUN/config.json        {"model": ..., "train": ..., "data": ...}
+    RUN/tokenizer/         the tokenizer of the data
+    RUN/ckpt_latest.pt     weights + optimizer + step + RNG states (written atomically)
+    RUN/ckpt_best.pt       the same, at the best validation loss so far
+    RUN/log.jsonl, log.csv, loss.png
+    RUN/model/             the exported best model (a model directory)
+
+Model directory (no pickles, loadable anywhere):
+    config.json            {"model": ModelConfig, "storygpt": {...facts: params, val loss, bpb...}}
+    model.safetensors
+    tokenizer.model, tokenizer.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import StoryGPTError
+from .model import ModelConfig, Transformer
+from .tokenizer import Tokenizer
+
+LATEST = "ckpt_latest.pt"
+BEST = "ckpt_best.pt"
+WEIGHTS = "model.safetensors"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path), fsync it, then rename it over `path`: readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        dfd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise StoryGPTError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StoryGPTError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise StoryGPTError(f"{path}: not a storygpt checkpoint")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Model directories
+# --------------------------------------------------------------------------------------------
+def save_model_dir(out: str | os.PathLike, model_cfg: ModelConfig, state_dict: dict, tokenizer: Tokenizer,
+                   info: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a model directory; tied weights are stored once. `dtype` casts floating weights (e.g. fp16)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k, v in state_dict.items():
+        if model_cfg.tie_embeddings and k == "output.weight":
+            continue
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    tokenizer.save(out)
+    meta = {"model": model_cfg.to_dict(), "storygpt": info or {}}
+    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return out
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A model directory, or a run directory (its exported model, else its best/latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise StoryGPTError(f"{path}: no such model or run directory")
+    if path.is_file():
+        raise StoryGPTError(f"{path}: expected a model or run directory, got a file")
+    if (path / WEIGHTS).is_file():
+        return path
+    if (path / "model" / WEIGHTS).is_file():
+        return path / "model"
+    if (path / BEST).is_file() or (path / LATEST).is_file():
+        return path
+    raise StoryGPTError(f"{path}: not a model directory (no {WEIGHTS}) nor a run directory (no checkpoint)")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer, dict]:
+    """Load (model in eval mode, tokenizer, info) from a model directory or a run directory."""
+    path = resolve_model_path(path)
+    if (path / WEIGHTS).is_file():
+        cfg_path = path / "config.json"
+        try:
+            meta = json.loads(cfg_path.read_text())
+            cfg = ModelConfig.from_dict(meta["model"])
+        except FileNotFoundError:
+            raise StoryGPTError(f"{path}: model directory has no config.json") from None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise StoryGPTError(f"{cfg_path}: not a storygpt model config") from None
+        try:
+            state = load_file(str(path / WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise StoryGPTError(f"{path / WEIGHTS}: corrupt weights file ({str(e).splitlines()[0]})") from None
+        info = meta.get("storygpt", {})
+        tokenizer = Tokenizer.load(path)
+    else:
+        ckpt = load_checkpoint(path / (BEST if (path / BEST).is_file() else LATEST))
+        cfg = ModelConfig.from_dict(ckpt["config"]["model"])
+        state, info = ckpt["model"], {"step": ckpt["step"], "val_loss": ckpt.get("best_val_loss")}
+        tokenizer = Tokenizer.load(path / "tokenizer")
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise StoryGPTError(f"{path}: tokenizer vocab ({tokenizer.vocab_size}) does not match the model ({cfg.vocab_size})")
+    model = Transformer(cfg)
+    if cfg.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "output.weight"}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise StoryGPTError(f"{path}: weights do not match the config ({str(e).splitlines()[-1].strip()})") from None
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "output.weight")]
+    if missing or unexpected:
+        raise StoryGPTError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer, info

@@ -1,0 +1,152 @@
+"""The `storygpt` command: a thin layer over the Python functions of each module.
+
+Every user error (StoryGPTError) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import StoryGPTError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        raise StoryGPTError(f"{self.prog}: {message}")
+
+
+def cmd_tokenizer_train(args) -> None:
+    from .data import check_inputs, expand_inputs, iter_stories
+    from .tokenizer import train_tokenizer
+
+    files = expand_inputs(args.input)
+    check_inputs(files, args.field)
+    tok = train_tokenizer(iter_stories(files, args.field), args.vocab_size, args.type, seed=args.seed)
+    tok.save(args.out)
+    print(f"tokenizer: {tok.type}, {tok.vocab_size} tokens -> {args.out}")
+
+
+def cmd_data_prepare(args) -> None:
+    from .data import prepare
+
+    meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                   field=args.field, workers=args.workers, dtype=args.dtype, progress=not args.quiet)
+    for split, info in meta["splits"].items():
+        print(f"{split}: {info['stories']:,} stories, {info['tokens']:,} tokens, {info['bytes']:,} bytes, "
+              f"{len(info['shards'])} shard(s)")
+    print(f"-> {args.out}")
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    if args.resume is None and args.out is None:
+        raise StoryGPTError("train: give --out RUN (or --resume RUN)")
+    if args.resume is not None and args.out is not None and args.out != args.resume:
+        raise StoryGPTError("train: --out and --resume name different runs")
+    summary = train(args.data, args.resume or args.out, preset=args.preset, config_file=args.config,
+                    overrides=args.set, resume=args.resume is not None, max_steps=args.max_steps,
+                    max_time=args.max_time, compile=True if args.compile else None,
+                    dtype="fp32" if args.fp32 else None, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate
+
+    result = evaluate(args.model, text=args.text, data=args.data, split=args.split, device=args.device,
+                      dtype=args.dtype, batch_size=args.batch_size, stride=args.stride)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.2f} | "
+              f"{result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens, {result['bytes']:,} bytes")
+
+
+def cmd_presets(args) -> None:
+    from .model import PRESETS, Transformer
+
+    print(f"{'preset':8} {'params':>10} {'dim':>5} {'layers':>6} {'heads':>5} {'vocab':>6} {'context':>7}")
+    for name, cfg in PRESETS.items():
+        n = Transformer(cfg).num_params()
+        print(f"{name:8} {n / 1e6:9.2f}M {cfg.dim:5} {cfg.n_layers:6} {cfg.n_heads:5} {cfg.vocab_size:6} {cfg.max_seq_len:7}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="storygpt", description="Train, evaluate and talk to small story-telling language models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="action", required=True,
+                                                                                  parser_class=_Parser)
+    t = tok.add_parser("train", help="train a SentencePiece unigram/BPE or char tokenizer")
+    t.add_argument("--input", nargs="+", required=True, help="TinyStories .txt, .json/.jsonl files or folders")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--type", choices=["unigram", "bpe", "char"], default="unigram")
+    t.add_argument("--field", default=None, help="JSON field holding the story (default: story, then text)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="data commands").add_subparsers(dest="action", required=True,
+                                                                         parser_class=_Parser)
+    d = data.add_parser("prepare", help="tokenize stories into shuffled train/val token shards")
+    d.add_argument("--input", nargs="+", required=True)
+    d.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    d.add_argument("--out", required=True)
+    d.add_argument("--val-fraction", type=float, default=0.02)
+    d.add_argument("--field", default=None)
+    d.add_argument("--seed", type=int, default=1337)
+    d.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    d.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_data_prepare)
+
+    tr = sub.add_parser("train", help="train a model (or resume a run)")
+    tr.add_argument("--data", help="prepared data directory (default on --resume: the run's)")
+    tr.add_argument("--out", help="run directory")
+    tr.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
+    tr.add_argument("--preset", default="small", help="tiny | small | 15m | 33m | 110m")
+    tr.add_argument("--config", help="TOML file with [model] and [train] tables")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--max-time", type=float, help="minutes of training")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--fp32", action="store_true", help="no autocast: compute in fp32")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte on text or prepared data")
+    e.add_argument("--model", required=True, help="model or run directory")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", nargs="+", help="text files (TinyStories .txt format or plain text)")
+    src.add_argument("--data", help="prepared data directory")
+    e.add_argument("--split", default="val")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="fp32")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--stride", type=int, default=None, help="window stride (default: half the context)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("presets", help="list the model presets and their parameter counts")
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except StoryGPTError as e:
+        print(f"storygpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("storygpt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Reading stories, turning them into token shards, and sampling training batches from the shards.
+
+Data directory layout (what `storygpt data prepare` writes):
+
+    DIR/meta.json            tokenizer checksum, vocab size, dtype, per-split token/story/byte counts
+    DIR/tokenizer/           a copy of the tokenizer the shards were made with
+    DIR/train_00000.bin ...  flat token streams (uint16 or uint32), each story followed by EOS
+    DIR/val_00000.bin ...
+
+Preparation streams: stories are read lazily, encoded by a pool of worker processes with a bounded
+number of chunks in flight, and scattered into on-disk buckets; each bucket is then shuffled in
+memory on its own and becomes one shard. Peak memory is set by the bucket size, not the input size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import StoryGPTError
+from .tokenizer import EOS_TEXT, Tokenizer
+
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".json", ".jsonl")
+FIELDS = ("story", "text")
+META_FILE = "meta.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading stories
+# --------------------------------------------------------------------------------------------
+def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
+    """Files named directly, plus the .txt/.json/.jsonl files found (recursively) in folders."""
+    if not paths:
+        raise StoryGPTError("no input given")
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + JSON_SUFFIXES)
+            if not found:
+                raise StoryGPTError(f"{p}: folder has no .txt, .json or .jsonl files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise StoryGPTError(f"{p}: no such file or folder")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise StoryGPTError(f"{f}: file is empty")
+    return files
+
+
+def check_inputs(files: list[Path], field: str | None = None) -> None:
+    """Fail fast, before any work, on a text file without separators or a JSON file without the field."""
+    for f in files:
+        if f.suffix in JSON_SUFFIXES:
+            next(iter_stories([f], field), None)
+        else:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                if not any(line.rstrip("\r\n") == EOS_TEXT for line in fh):
+                    raise StoryGPTError(
+                        f"{f}: no '{EOS_TEXT}' separator line found (TinyStories .txt format expected)")
+
+
+def iter_stories(files: list[Path], field: str | None = None) -> Iterator[str]:
+    """Yield story texts from TinyStories .txt files and JSON/JSONL files, one at a time."""
+    for f in files:
+        if f.suffix in JSON_SUFFIXES:
+            yield from _json_stories(f, field)
+        else:
+            yield from _text_stories(f)
+
+
+def _text_stories(path: Path) -> Iterator[str]:
+    lines: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.rstrip("\r\n") == EOS_TEXT:
+                    story = "".join(lines).strip()
+                    lines.clear()
+                    if story:
+                        yield story
+                else:
+                    lines.append(line)
+    except UnicodeDecodeError as e:
+        raise StoryGPTError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    story = "".join(lines).strip()
+    if story:
+        yield story
+
+
+def _json_records(path: Path) -> Iterator[object]:
+    """Records of a JSONL file, or of a JSON file holding one array, parsed incrementally."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as fh:
+        buf, pos, eof, in_array = "", 0, False, None
+        while True:
+            # skip whitespace and array punctuation
+            while pos < len(buf) and buf[pos] in " \t\r\n,]":
+                pos += 1
+            if in_array is None and pos < len(buf):
+                in_array = buf[pos] == "["
+                if in_array:
+                    pos += 1
+                continue
+            if pos >= len(buf) or (not eof and len(buf) - pos < 1 << 16):
+                if eof:
+                    return
+                chunk = fh.read(1 << 20)
+                eof = not chunk
+                buf = buf[pos:] + chunk
+                pos = 0
+                continue
+            try:
+                record, pos = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as e:
+                if not eof:  # an object may be split across reads: read more and retry
+                    chunk = fh.read(1 << 20)
+                    eof = not chunk
+                    buf = buf[pos:] + chunk
+                    pos = 0
+                    continue
+                raise StoryGPTError(f"{path}: invalid JSON ({e.msg})") from None
+            yield record
+
+
+def _json_stories(path: Path, field: str | None) -> Iterator[str]:
+    try:
+        for n, record in enumerate(_json_records(path)):
+            if not isinstance(record, dict):
+                raise StoryGPTError(f"{path}: record {n + 1} is not a JSON object")
+            key = field or next((k for k in FIELDS if k in record), None)
+            if key is None or key not in record:
+                wanted = repr(field) if field else " or ".join(map(repr, FIELDS))
+                have = ", ".join(sorted(map(str, record))) or "none"
+                raise StoryGPTError(f"{path}: record {n + 1} has no field {wanted} (fields: {have}); use --field")
+            text = record[key]
+            if not isinstance(text, str):
+                raise StoryGPTError(f"{path}: record {n + 1} field {key!r} is not a string")
+            text = text.strip()
+            if text:
+                yield text
+    except UnicodeDecodeError as e:
+        raise StoryGPTError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing shards
+# --------------------------------------------------------------------------------------------
+def token_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
+    if dtype == "auto":
+        dtype = "uint16" if vocab_size < 1 << 16 else "uint32"
+    if dtype not in ("uint16", "uint32"):
+        raise StoryGPTError(f"token dtype must be auto, uint16 or uint32, got {dtype!r}")
+    if dtype == "uint16" and vocab_size > (1 << 16) - 1:
+        raise StoryGPTError(f"vocab size {vocab_size} does not fit uint16 tokens (max 65,535); use uint32")
+    return np.dtype(dtype)
+
+
+_worker_tok: Tokenizer | None = None
+
+
+def _init_worker(model_proto: bytes) -> None:
+    global _worker_tok
+    torch.set_num_threads(1)
+    _worker_tok = Tokenizer(model_proto)
+
+
+def _encode_chunk(stories: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode a chunk: (tokens with EOS after each story, tokens per story, UTF-8 bytes per story)."""
+    tok = _worker_tok
+    ids = tok.encode_batch(stories)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    ends = np.cumsum(lengths)
+    flat[ends - 1] = tok.eos_id
+    pos = 0
+    for x, end in zip(ids, ends):
+        flat[pos:end - 1] = x
+        pos = int(end)
+    nbytes = np.fromiter((len(s.encode("utf-8")) for s in stories), dtype=np.int64, count=len(stories))
+    return flat, lengths, nbytes
+
+
+def _chunks(stories: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for s in stories:
+        chunk.append(s)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class _Bucket:
+    tokens: object  # open binary file
+    lengths: list
+    nbytes: int = 0
+
+
+def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike,
+            val_fraction: float = 0.02, seed: int = 1337, field: str | None = None,
+            workers: int | None = None, dtype: str = "auto", chunk_stories: int = 256,
+            bucket_bytes: int = 128 << 20, progress: bool = True) -> dict:
+    """Tokenize stories from `inputs` into shuffled train/val shards in `out`; returns meta.json's dict.
+
+    Each story goes to val with probability `val_fraction` (seeded), so the split is the same
+    whatever the number of workers. `bucket_bytes` of input text make one shard (and bound memory).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise StoryGPTError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if field is not None and not field:
+        raise StoryGPTError("--field must not be empty")
+    files = expand_inputs(inputs)
+    check_inputs(files, field)
+    tok = Tokenizer.load(tokenizer)
+    np_dtype = token_dtype(tok.vocab_size, dtype)
+    workers = max(1, workers or os.cpu_count() or 1)
+    total_bytes = sum(f.stat().st_size for f in files)
+    n_buckets = max(1, math.ceil(total_bytes / bucket_bytes))
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        buckets = {(split, b): _Bucket(open(work / f"{split}_{b:05d}.tmp", "wb"), [])
+                   for split in ("train", "val") for b in range(n_buckets)}
+        stories = iter_stories(files, field)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encoding", disable=not progress)
+        ctx = mp.get_context("spawn" if os.name == "nt" else "forkserver")
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok.model_proto,)) if workers > 1 else None
+        if pool is None:
+            _init_worker(tok.model_proto)
+        try:
+            pending: deque = deque()
+            chunk_iter = enumerate(_chunks(stories, chunk_stories))
+            done = False
+            while True:
+                while not done and len(pending) < 4 * workers:  # bounded number of chunks in flight
+                    nxt = next(chunk_iter, None)
+                    if nxt is None:
+                        done = True
+                        break
+                    idx, chunk = nxt
+                    if pool is None:
+                        pending.append((idx, _encode_chunk(chunk, np_dtype.name)))
+                    else:
+                        pending.append((idx, pool.apply_async(_encode_chunk, (chunk, np_dtype.name))))
+                if not pending:
+                    break
+                idx, res = pending.popleft()
+                flat, lengths, nbytes = res if pool is None else res.get()
+                _scatter(buckets, idx, flat, lengths, nbytes, seed, val_fraction, n_buckets)
+                bar.update(int(nbytes.sum()) + EOS_LINE_BYTES * len(lengths))
+        except BaseException:
+            bar.leave = False  # erase the bar so the error is the only line left
+            raise
+        finally:
+            if pool is not None:
+                pool.terminate()
+            bar.close()
+        for b in buckets.values():
+            b.tokens.close()
+
+        meta = {"format": 1, "tokenizer": {"sha256": tok.checksum, "type": tok.type},
+                "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": np_dtype.name,
+                "seed": seed, "val_fraction": val_fraction, "inputs": [str(f) for f in files],
+                "splits": {}}
+        for split in ("train", "val"):
+            shards = []
+            for b in range(n_buckets):
+                info = _write_shard(work, split, b, buckets[(split, b)], np_dtype, seed)
+                if info is not None:
+                    shards.append(info)
+            meta["splits"][split] = {
+                "tokens": sum(s["tokens"] for s in shards), "stories": sum(s["stories"] for s in shards),
+                "bytes": sum(s["bytes"] for s in shards), "shards": shards}
+        if meta["splits"]["train"]["tokens"] == 0:
+            raise StoryGPTError("no stories found in the input")
+        tok.save(work / "tokenizer")
+        (work / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+EOS_LINE_BYTES = len(EOS_TEXT) + 2  # "\n<|endoftext|>\n" around each story, for the progress bar
+
+
+def _scatter(buckets, chunk_idx, flat, lengths, nbytes, seed, val_fraction, n_buckets) -> None:
+    rng = np.random.default_rng([seed, chunk_idx])
+    is_val = rng.random(len(lengths)) < val_fraction
+    which = rng.integers(n_buckets, size=len(lengths))
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    for i in range(len(lengths)):
+        b = buckets[("val" if is_val[i] else "train", int(which[i]))]
+        b.tokens.write(flat[starts[i]:ends[i]].tobytes())
+        b.lengths.append(int(lengths[i]))
+        b.nbytes += int(nbytes[i])
+
+
+def _write_shard(work: Path, split: str, b: int, bucket: _Bucket, dtype: np.dtype, seed: int) -> dict | None:
+    tmp = work / f"{split}_{b:05d}.tmp"
+    lengths = np.asarray(bucket.lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        tmp.unlink()
+        return None
+    tokens = np.fromfile(tmp, dtype=dtype)
+    order = np.random.default_rng([seed, b, split == "val"]).permutation(len(lengths))
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    shuffled = np.concatenate([tokens[starts[i]:ends[i]] for i in order])
+    name = f"{split}_{b:05d}.bin"
+    shuffled.tofile(work / name)
+    tmp.unlink()
+    return {"file": name, "tokens": int(len(shuffled)), "stories": int(len(lengths)), "bytes": bucket.nbytes}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise StoryGPTError(f"{data_dir}: not a prepared data directory (no {META_FILE}); run `storygpt data prepare`")
+    try:
+        meta = json.loads(path.read_text())
+        meta["splits"]["train"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise StoryGPTError(f"{path}: corrupt data metadata") from None
+    return meta
+
+
+class TokenData:
+    """One split of a prepared data directory, memory-mapped.
+
+    `batch(step)` samples random windows; it is a pure function of (seed, step, rank), which is what
+    makes resumed training see exactly the batches it would have seen. With several ranks each rank
+    samples from its own subset of the shards (all shards when there are fewer shards than ranks).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str = "train", rank: int = 0, world_size: int = 1):
+        self.meta = read_meta(data_dir)
+        info = self.meta["splits"].get(split)
+        if not info or not info["shards"]:
+            raise StoryGPTError(f"{data_dir}: the {split} split is empty (prepare with a larger --val-fraction?)")
+        shards = info["shards"]
+        if len(shards) >= world_size > 1:
+            shards = shards[rank::world_size]
+        dtype = np.dtype(self.meta["dtype"])
+        self.shards = []
+        for s in shards:
+            path = Path(data_dir) / s["file"]
+            if not path.is_file() or path.stat().st_size != s["tokens"] * dtype.itemsize:
+                raise StoryGPTError(f"{path}: shard missing or truncated")
+            self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+        self.rank = rank
+        self.tokens = sum(len(s) for s in self.shards)
+        self.bytes = info["bytes"]
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) int64 tensors of shape (batch_size, seq_len); y is x shifted by one token."""
+        sizes = np.array([len(s) - seq_len - 1 for s in self.shards])
+        if sizes.max() < 0:
+            raise StoryGPTError(f"seq_len {seq_len} is longer than the data ({self.tokens} tokens)")
+        rng = np.random.default_rng([seed, step, self.rank])
+        weights = np.clip(sizes, 0, None) + 1e-9
+        which = rng.choice(len(self.shards), size=batch_size, p=weights / weights.sum())
+        offsets = rng.integers(0, np.clip(sizes[which], 0, None) + 1)
+        rows = np.stack([self.shards[w][o:o + seq_len + 1] for w, o in zip(which, offsets)]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+    def sequential_batches(self, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed, non-overlapping windows from the start of the split: the same every time it is called."""
+        rows = []
+        for shard in self.shards:
+            for o in range(0, len(shard) - seq_len - 1 + 1, seq_len):
+                rows.append(np.asarray(shard[o:o + seq_len + 1], dtype=np.int64))
+                if len(rows) == batch_size * max_batches:
+                    break
+            if len(rows) == batch_size * max_batches:
+                break
+        if not rows:
+            raise StoryGPTError(f"seq_len {seq_len} is longer than the {self.tokens}-token split")
+        out = []
+        for i in range(0, len(rows), batch_size):
+            t = torch.from_numpy(np.stack(rows[i:i + batch_size]))
+            out.append((t[:, :-1], t[:, 1:]))
+        return out

@@ -1,0 +1,118 @@
+"""Evaluation: loss, perplexity and bits per UTF-8 byte over every token of a text.
+
+The text is encoded exactly as training data is (each story followed by the end-of-story token)
+and scored with strided windows of the model's full context: each token is predicted once, with
+at least `context - stride` tokens of history once the text is longer than the context.
+
+Bits per byte = (sum of token losses in nats) / ln 2 / (UTF-8 bytes of the stories' text). It
+compares models across tokenizers (char, 4K, 8K). The end-of-story tokens are scored too (knowing
+when a story ends is part of the job) but add no bytes, so bpb is slightly pessimistic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model
+from .data import TokenData, expand_inputs, iter_stories
+from .device import autocast, pick_device, pick_dtype
+from .errors import StoryGPTError
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first_scored) for strided windows over a stream of n_tokens.
+
+    Inputs are tokens[start:end], targets tokens[start+1:end+1]; targets with absolute index
+    > first_scored are scored (first window: all). Every index 1..n_tokens-1 is scored exactly once.
+    """
+    if not 0 < stride <= context:
+        raise StoryGPTError(f"stride must be in [1, context={context}], got {stride}")
+    out, done = [], 0
+    while done < n_tokens - 1:
+        end = min(done + (stride if done else context), n_tokens - 1)
+        start = max(0, end - context)
+        out.append((start, end, done))
+        done = end
+    return out
+
+
+@torch.inference_mode()
+def score_stream(model: Transformer, tokens: np.ndarray, device: torch.device, dtype: str = "fp32",
+                 batch_size: int = 8, stride: int | None = None, context: int | None = None) -> tuple[float, int]:
+    """Sum of next-token losses (nats) over the stream, and the number of tokens scored."""
+    context = context or model.cfg.max_seq_len
+    stride = stride or max(1, context // 2)
+    wins = windows(len(tokens), context, stride)
+    total, count = 0.0, 0
+    model.eval()
+    for i in range(0, len(wins), batch_size):
+        group = wins[i:i + batch_size]
+        width = max(end - start for start, end, _ in group)
+        x = torch.zeros(len(group), width, dtype=torch.long)
+        y = torch.full((len(group), width), -1, dtype=torch.long)
+        for row, (start, end, done) in enumerate(group):
+            seq = torch.from_numpy(np.asarray(tokens[start:end + 1], dtype=np.int64))
+            x[row, :end - start] = seq[:-1]
+            targets = seq[1:].clone()
+            skip = done - start  # targets before this were scored by an earlier window
+            targets[:skip] = -1
+            y[row, :end - start] = targets
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            logits, _ = model(x, y)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
+        total += loss.item()
+        count += int((y >= 0).sum())
+    return total, count
+
+
+def summarize(nats: float, tokens: int, nbytes: int) -> dict:
+    loss = nats / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": nats / math.log(2) / max(nbytes, 1),
+            "tokens": tokens, "bytes": nbytes}
+
+
+def text_stream(tokenizer: Tokenizer, files: list[str | os.PathLike]) -> tuple[np.ndarray, int]:
+    """Tokens of the stories in `files` (EOS first and after each story) and their UTF-8 byte count."""
+    stories = list(iter_stories(expand_inputs(files)))
+    if not stories:
+        raise StoryGPTError("no text to evaluate")
+    ids = [tokenizer.eos_id]
+    for seq in tokenizer.encode_batch(stories):
+        ids.extend(seq)
+        ids.append(tokenizer.eos_id)
+    return np.asarray(ids, dtype=np.int64), sum(len(s.encode("utf-8")) for s in stories)
+
+
+def evaluate(model: str | os.PathLike, text: list[str] | None = None, data: str | os.PathLike | None = None,
+             split: str = "val", device: str = "auto", dtype: str = "fp32", batch_size: int = 8,
+             stride: int | None = None) -> dict:
+    """Evaluate a model (directory or run) on text files or on a split of a prepared data directory.
+
+    Returns {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}; loss is nats per token.
+    """
+    if bool(text) == bool(data):
+        raise StoryGPTError("give either --text FILE... or --data DIR")
+    dev = pick_device(device)
+    amp = pick_dtype(dev, dtype)
+    net, tokenizer, _ = load_model(model, device=dev)
+    if text:
+        tokens, nbytes = text_stream(tokenizer, text)
+    else:
+        split_data = TokenData(data, split)
+        if split_data.meta["tokenizer"]["sha256"] != tokenizer.checksum:
+            raise StoryGPTError(f"{data}: prepared with a different tokenizer than the model's (checksum mismatch)")
+        tokens = np.concatenate([[tokenizer.eos_id], *split_data.shards]).astype(np.int64)
+        nbytes = split_data.bytes
+    nats, count = score_stream(net, tokens, dev, amp, batch_size=batch_size, stride=stride)
+    result = summarize(nats, count, nbytes)
+    result["model"] = str(Path(model))
+    return result

@@ -1,0 +1,272 @@
+"""The transformer: LLaMA-style (RMSNorm pre-norm, SwiGLU, rotary embeddings, no biases) or
+GPT-2-style (LayerNorm, GELU MLP, learned positions), with SDPA or naive attention.
+
+Read top to bottom: config and presets, the blocks, then the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import StoryGPTError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"            # "llama" | "gpt2"
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    hidden_dim: int | None = None  # MLP width; None = derived from dim and multiple_of
+    multiple_of: int = 32
+    max_seq_len: int = 512
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    attention: str = "sdpa"        # "sdpa" | "naive"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.arch not in ("llama", "gpt2"):
+            raise StoryGPTError(f"model.arch must be 'llama' or 'gpt2', got {self.arch!r}")
+        if self.attention not in ("sdpa", "naive"):
+            raise StoryGPTError(f"model.attention must be 'sdpa' or 'naive', got {self.attention!r}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
+            if getattr(self, name) < 1:
+                raise StoryGPTError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise StoryGPTError(f"model.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2 and self.arch == "llama":
+            raise StoryGPTError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.kv_heads:
+            raise StoryGPTError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise StoryGPTError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        if self.hidden_dim:
+            return self.hidden_dim
+        if self.arch == "gpt2":
+            return 4 * self.dim
+        hidden = int(2 * 4 * self.dim / 3)  # SwiGLU: 2/3 of 4*dim keeps the parameter count of a GELU MLP
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise StoryGPTError(f"unknown model config key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# Named shapes. vocab_size here is the default; training takes the tokenizer's.
+PRESETS: dict[str, ModelConfig] = {
+    # For tests: trains in seconds.
+    "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, max_seq_len=256),
+    # The CPU default: the best 10-minute model on a 2-core CPU that we measured (see README).
+    "small": ModelConfig(vocab_size=4096, dim=256, n_layers=6, n_heads=8, max_seq_len=512),
+    # llama2.c's stories15M shape.
+    "15m": ModelConfig(vocab_size=32000, dim=288, n_layers=6, n_heads=6, max_seq_len=256),
+    # Roughly the TinyStories paper's 33M model, as a LLaMA.
+    "33m": ModelConfig(vocab_size=8192, dim=512, n_layers=9, n_heads=8, max_seq_len=512),
+    # llama2.c's stories110M shape.
+    "110m": ModelConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the rotary angles, shape (max_seq_len, head_dim // 2)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x0, x1), (x2, x3), ... of the last dim (Meta/llama2.c layout).
+
+    x: (B, H, T, D); cos/sin: (T, D/2).
+    """
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        bias = cfg.arch == "gpt2"
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        p = self.dropout if self.training else 0.0
+        if self.cfg.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = naive_attention(q, k, v, p)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """The reference: softmax(QK^T / sqrt(d) + causal mask) V, materialising the T x T matrix."""
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    att = F.dropout(att, dropout_p)
+    return att @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        bias = not self.swiglu
+        if self.swiglu:
+            self.w_gate_up = nn.Linear(cfg.dim, 2 * cfg.mlp_dim, bias=False)  # gate and up in one matmul
+        else:
+            self.w_up = nn.Linear(cfg.dim, cfg.mlp_dim, bias=bias)
+        self.w_down = nn.Linear(cfg.mlp_dim, cfg.dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+            return self.w_down(F.silu(gate) * up)
+        return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rope))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.arch == "gpt2":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_emb.weight
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.cfg.arch == "gpt2":
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy.
+
+        With targets, logits are computed for every position; without, only for the last one
+        (all that sampling needs), which saves the largest matmul.
+        """
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise StoryGPTError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
+        x = self.tok_emb(idx)
+        rope = None
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        x = self.drop(x)
+        for layer in self.layers:
+            x = layer(x, rope)
+        x = self.norm(x)
+        if targets is None:
+            return self.output(x[:, -1:]), None
+        logits = self.output(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * N (non-embedding matmuls + output) plus attention scores."""
+        n = self.num_params(exclude_embeddings=True)
+        if self.cfg.tie_embeddings:  # the output matmul still costs its FLOPs
+            n += self.output.weight.numel()
+        attn = 6 * self.cfg.n_layers * self.cfg.dim * seq_len  # 2 matmuls of T x d per token, x3 for fwd+bwd
+        return 6 * n + attn

@@ -1,0 +1,384 @@
+"""The training loop: AdamW, warmup + cosine, gradient accumulation and clipping, autocast,
+periodic evaluation, atomic checkpoints and exact resume, logs and a loss curve.
+
+`train()` is the whole thing; `storygpt train` is a thin wrapper around it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint, save_model_dir
+from .config import RunConfig, apply_overrides, build_config
+from .data import TokenData, read_meta
+from .device import autocast, pick_device, pick_dtype
+from .errors import StoryGPTError
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+LOG_FIELDS = ["step", "tokens", "time", "lr", "loss", "val_loss", "val_bpb", "tok_per_s"]
+
+
+def lr_at(step: int, progress: float, cfg) -> float:
+    """Linear warmup over `warmup_steps`, then cosine from lr to min_lr as progress goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    p = min(max(progress, 0.0), 1.0)
+    return warm * (cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (cfg.lr - cfg.min_lr))
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (>= 2-D) only; fused kernel where available."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.inference_mode()
+def evaluate_batches(model: torch.nn.Module, batches, device: torch.device, dtype: str) -> float:
+    """Mean loss over fixed batches (model put back in train mode afterwards)."""
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train()
+    return float(np.mean(losses))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary, checkpoint, and exit."""
+
+    def __init__(self):
+        self.set = False
+        self.old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+class _Logger:
+    """Appends to log.jsonl and log.csv (and TensorBoard when installed)."""
+
+    def __init__(self, run: Path, resume_step: int | None):
+        self.jsonl, self.csv = run / "log.jsonl", run / "log.csv"
+        if resume_step is None:
+            for p in (self.jsonl, self.csv):
+                p.unlink(missing_ok=True)
+        else:  # drop what was logged after the checkpoint we resume from
+            self._truncate(resume_step)
+        new_csv = not self.csv.exists()
+        self.csv_fh = open(self.csv, "a", newline="")
+        self.csv_writer = csv.DictWriter(self.csv_fh, LOG_FIELDS)
+        if new_csv:
+            self.csv_writer.writeheader()
+        self.jsonl_fh = open(self.jsonl, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def _truncate(self, step: int) -> None:
+        if self.jsonl.exists():
+            keep = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            self.jsonl.write_text("".join(line + "\n" for line in keep))
+        if self.csv.exists():
+            with open(self.csv, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+            with open(self.csv, "w", newline="") as fh:
+                w = csv.DictWriter(fh, LOG_FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+
+    def log(self, record: dict) -> None:
+        self.jsonl_fh.write(json.dumps(record) + "\n")
+        self.jsonl_fh.flush()
+        self.csv_writer.writerow({k: record.get(k, "") for k in LOG_FIELDS})
+        self.csv_fh.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.jsonl_fh.close()
+        self.csv_fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_log(run: str | os.PathLike) -> list[dict]:
+    path = Path(run) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def plot_losses(run: str | os.PathLike) -> Path | None:
+    """Write RUN/loss.png: training and validation loss against tokens seen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(run)
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), label="val", marker="o", ms=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(Path(run).resolve().name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run) / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = "small",
+          config_file: str | None = None, overrides: list[str] | None = None, resume: bool = False,
+          max_steps: int | None = None, max_time: float | None = None, compile: bool | None = None,
+          dtype: str | None = None, progress: bool = True, until_step: int | None = None) -> dict:
+    """Train a model on a prepared data directory and export the best checkpoint to OUT/model.
+
+    resume: continue OUT from its latest checkpoint (config from OUT/config.json, then overrides).
+    until_step: stop (with a checkpoint) after this step, as if interrupted; for tests and staged runs.
+    Returns a summary dict (steps, tokens, best val loss, tokens/s, paths).
+    """
+    run = Path(out)
+    overrides = list(overrides or [])
+    if max_steps is not None:
+        overrides.append(f"train.max_steps={max_steps}")
+    if max_time is not None:
+        overrides.append(f"train.max_time={max_time}")
+    if compile is not None:
+        overrides.append(f"train.compile={compile}")
+    if dtype is not None:
+        overrides.append(f"train.dtype={dtype}")
+
+    ckpt = None
+    if resume:
+        if not (run / "config.json").is_file():
+            raise StoryGPTError(f"{run}: nothing to resume (no config.json)")
+        saved = json.loads((run / "config.json").read_text())
+        cfg = apply_overrides(RunConfig.from_dict({k: saved[k] for k in ("model", "train")}, str(run / "config.json")), overrides)
+        cfg.train.validate()
+        data = data or saved.get("data")
+        ckpt = load_checkpoint(run / LATEST)
+        tokenizer = Tokenizer.load(run / "tokenizer")
+    else:
+        if (run / LATEST).exists() or (run / BEST).exists():
+            raise StoryGPTError(f"{run}: already holds a training run; use --resume to continue it or a new --out")
+        cfg = build_config(preset, config_file, overrides)
+    if data is None:
+        raise StoryGPTError("no --data given")
+
+    meta = read_meta(data)
+    if resume:
+        if meta["tokenizer"]["sha256"] != tokenizer.checksum:
+            raise StoryGPTError(f"{data}: prepared with a different tokenizer than the run's (checksum mismatch)")
+    else:
+        tokenizer = Tokenizer.load(Path(data) / "tokenizer")
+        if tokenizer.checksum != meta["tokenizer"]["sha256"]:
+            raise StoryGPTError(f"{data}: tokenizer files do not match meta.json (checksum mismatch)")
+        cfg.model.vocab_size = meta["vocab_size"]
+    if cfg.model.vocab_size != meta["vocab_size"]:
+        raise StoryGPTError(f"model vocab ({cfg.model.vocab_size}) != data vocab ({meta['vocab_size']})")
+    tc, mc = cfg.train, cfg.model
+    if tc.seq_len > mc.max_seq_len:
+        raise StoryGPTError(f"train.seq_len ({tc.seq_len}) > model.max_seq_len ({mc.max_seq_len})")
+    mc.validate()
+
+    device = pick_device(tc.device)
+    amp = pick_dtype(device, tc.dtype)
+    train_data = TokenData(data, "train")
+    val_data = TokenData(data, "val")
+    val_batches = val_data.sequential_batches(tc.batch_size, tc.seq_len, tc.eval_iters)
+
+    # --- run directory (written only once all the input checks above have passed) ---
+    run.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run / "tokenizer")
+    (run / "config.json").write_text(json.dumps({**cfg.to_dict(), "data": str(Path(data).resolve())}, indent=2) + "\n")
+
+    torch.manual_seed(tc.seed)
+    model = Transformer(mc).to(device)
+    optimizer = make_optimizer(model, tc, device)
+    step, train_time, tokens_seen, best_val = 0, 0.0, 0, float("inf")
+    if ckpt is not None:
+        if ckpt["config"]["model"] != asdict(mc):
+            raise StoryGPTError("model config keys cannot change on --resume (only train keys can)")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, train_time, tokens_seen = ckpt["step"], ckpt["train_time"], ckpt["tokens"]
+        best_val = ckpt["best_val_loss"]
+        set_rng_state(ckpt["rng"])
+    for group in optimizer.param_groups:  # --set may change these on resume
+        group["betas"] = (tc.beta1, tc.beta2)
+        if group["weight_decay"]:
+            group["weight_decay"] = tc.weight_decay
+    fwd = torch.compile(model) if tc.compile else model
+    model.train()
+
+    logger = _Logger(run, step if ckpt is not None else None)
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps
+    bpb_scale = val_data.tokens / max(val_data.bytes, 1) / math.log(2)
+    n_params = model.num_params()
+    tokens_at_start = tokens_seen
+
+    def progress_of(step: int, t: float) -> float:
+        p = step / tc.max_steps
+        return max(p, t / (tc.max_time * 60)) if tc.max_time else p
+
+    def checkpoint(path: str) -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": {"step": step, "train_time": train_time},  # lr = lr_at(step, progress)
+                 "step": step, "train_time": train_time, "tokens": tokens_seen, "best_val_loss": best_val,
+                 "rng": rng_state(), "data_position": {"micro_step": step * tc.grad_accum_steps, "seed": tc.seed},
+                 "config": cfg.to_dict()}
+        save_checkpoint(run / path, state)
+
+    def run_eval() -> float:
+        nonlocal best_val
+        val_loss = evaluate_batches(fwd, val_batches, device, amp)
+        record = {"step": step, "tokens": tokens_seen, "time": round(train_time, 2), "val_loss": val_loss,
+                  "val_bpb": val_loss * bpb_scale}
+        logger.log(record)
+        if val_loss < best_val:
+            best_val = val_loss
+            checkpoint(BEST)
+        return val_loss
+
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
+               desc=f"train {n_params / 1e6:.1f}M {device.type}/{amp}")
+    stop_reason = "max_steps"
+    last_eval_step = -1
+    time_before = train_time  # train_time counts wall-clock seconds of this run, evals included
+    loop_start = time.perf_counter()
+    window_start, window_tokens = loop_start, 0
+    try:
+        with _StopFlag() as stop:
+            if step == 0:
+                run_eval()
+                last_eval_step = 0
+            while True:
+                train_time = time_before + time.perf_counter() - loop_start
+                if progress_of(step, train_time) >= 1.0:
+                    stop_reason = "max_time" if step < tc.max_steps else "max_steps"
+                    break
+                if until_step is not None and step >= until_step:
+                    stop_reason = "until_step"
+                    break
+                if stop.set:
+                    stop_reason = "interrupted"
+                    break
+                lr = lr_at(step, progress_of(step, train_time), tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(tc.grad_accum_steps):
+                    x, y = train_data.batch(step * tc.grad_accum_steps + micro, tc.batch_size, tc.seq_len, tc.seed)
+                    x = x.to(device, non_blocking=True)
+                    y = y.to(device, non_blocking=True)
+                    with autocast(device, amp):
+                        _, loss = fwd(x, y)
+                    (loss / tc.grad_accum_steps).backward()
+                    loss_sum += loss.detach()
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tokens_per_step
+                window_tokens += tokens_per_step
+                if step % tc.log_interval == 0 or step == 1:
+                    loss_val = loss_sum.item() / tc.grad_accum_steps  # syncs the device
+                    now = time.perf_counter()
+                    tps = window_tokens / (now - window_start)
+                    logger.log({"step": step, "tokens": tokens_seen, "time": round(time_before + now - loop_start, 2),
+                                "lr": lr, "loss": loss_val, "tok_per_s": round(tps, 1)})
+                    bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                bar.update(1)
+                if step % tc.eval_interval == 0 or step % tc.checkpoint_interval == 0:
+                    train_time = time_before + time.perf_counter() - loop_start
+                    if step % tc.eval_interval == 0:
+                        run_eval()
+                        last_eval_step = step
+                    if step % tc.checkpoint_interval == 0:
+                        checkpoint(LATEST)
+                if step % tc.log_interval == 0:  # throughput windows exclude evals and checkpoints
+                    window_start, window_tokens = time.perf_counter(), 0
+            train_time = time_before + time.perf_counter() - loop_start
+            if last_eval_step != step:
+                run_eval()
+            checkpoint(LATEST)
+    finally:
+        bar.close()
+        logger.close()
+
+    summary = {"run": str(run), "stop_reason": stop_reason, "step": step, "tokens": tokens_seen,
+               "train_time_s": round(train_time, 1),
+               "tok_per_s": round((tokens_seen - tokens_at_start) / max(train_time - time_before, 1e-9), 1),
+               "best_val_loss": best_val, "best_val_bpb": best_val * bpb_scale, "params": n_params,
+               "device": device.type, "dtype": amp}
+    if stop_reason in ("max_steps", "max_time"):
+        best = load_checkpoint(run / BEST)
+        info = {"params": n_params, "step": best["step"], "tokens": best["tokens"],
+                "val_loss": best["best_val_loss"], "val_bpb_estimate": best["best_val_loss"] * bpb_scale,
+                "train": asdict(tc), "data": meta["splits"]["train"] | {"shards": None}}
+        summary["model"] = str(save_model_dir(run / "model", mc, best["model"], tokenizer, info))
+        plot_losses(run)
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
