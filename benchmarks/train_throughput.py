@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import date
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from storygpt.config import preset as get_preset
-from storygpt.device import DTYPES, autocast, cpu_has_native_bf16
+from storygpt.device import DTYPES, autocast, cpu_has_native_bf16, machine_description
 from storygpt.model import Transformer
 from storygpt.train import make_optimizer
 
@@ -101,8 +100,7 @@ def main() -> None:
                      "matmul_peak_gflops": round(peaks[amp] / 1e9, 1)})
     result = {"benchmark": "train_throughput", "preset": args.preset, "batch_size": B, "seq_len": T,
               "params": model.num_params(), "flops_per_token": flops_per_token, "date": str(date.today()),
-              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "rows": rows}
+              "machine": machine_description(), "rows": rows}
     if not args.smoke:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

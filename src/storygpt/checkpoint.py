@@ -135,7 +135,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     else:
         ckpt = load_checkpoint(path / (BEST if (path / BEST).is_file() else LATEST))
         cfg = ModelConfig.from_dict(ckpt["config"]["model"])
-        state, info = ckpt["model"], {"step": ckpt["step"], "val_loss": ckpt.get("best_val_loss")}
+        state = ckpt["model"]
+        info = {"step": ckpt["step"], "val_loss": ckpt.get("best_val_loss"), "train": ckpt["config"]["train"]}
         tokenizer = Tokenizer.load(path / "tokenizer")
     if tokenizer.vocab_size != cfg.vocab_size:
         raise StoryGPTError(f"{path}: tokenizer vocab ({tokenizer.vocab_size}) does not match the model ({cfg.vocab_size})")

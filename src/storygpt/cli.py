@@ -48,7 +48,7 @@ def cmd_train(args) -> None:
         raise StoryGPTError("train: --out and --resume name different runs")
     summary = train(args.data, args.resume or args.out, preset=args.preset, config_file=args.config,
                     overrides=args.set, resume=args.resume is not None, max_steps=args.max_steps,
-                    max_time=args.max_time, compile=True if args.compile else None,
+                    max_time=args.max_time, compile=args.compile,
                     dtype="fp32" if args.fp32 else None, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
 
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     tr.add_argument("--max-steps", type=int)
     tr.add_argument("--max-time", type=float, help="minutes of training")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the model (default: the preset's choice; small compiles)")
     tr.add_argument("--fp32", action="store_true", help="no autocast: compute in fp32")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)

@@ -62,7 +62,8 @@ class TrainConfig:
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(batch_size=8, seq_len=64, max_steps=200, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                         eval_interval=50, eval_iters=4, checkpoint_interval=50),
-    "small": TrainConfig(),
+    "small": TrainConfig(batch_size=16, seq_len=256, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_interval=100,
+                         compile=True),
     "15m": TrainConfig(batch_size=128, seq_len=256, grad_accum_steps=4, max_steps=100_000, lr=5e-4,
                        min_lr=5e-5, warmup_steps=1000, eval_interval=2000, eval_iters=100,
                        checkpoint_interval=2000),

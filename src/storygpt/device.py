@@ -76,3 +76,18 @@ def autocast(device: torch.device, dtype: str):
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def machine_description() -> str:
+    """e.g. 'AMD EPYC, 2 threads, avx512_bf16': for benchmark reports."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    name = name or platform.processor() or platform.machine()
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{name}, {torch.get_num_threads()} threads, {bf16}, torch {torch.__version__}"

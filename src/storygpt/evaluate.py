@@ -1,7 +1,8 @@
 """Evaluation: loss, perplexity and bits per UTF-8 byte over every token of a text.
 
 The text is encoded exactly as training data is (each story followed by the end-of-story token)
-and scored with strided windows of the model's full context: each token is predicted once, with
+and scored with strided windows as long as the context the model was trained on (the training
+seq_len recorded with the model, at most max_seq_len): each token is predicted exactly once, with
 at least `context - stride` tokens of history once the text is longer than the context.
 
 Bits per byte = (sum of token losses in nats) / ln 2 / (UTF-8 bytes of the stories' text). It
@@ -103,7 +104,9 @@ def evaluate(model: str | os.PathLike, text: list[str] | None = None, data: str 
         raise StoryGPTError("give either --text FILE... or --data DIR")
     dev = pick_device(device)
     amp = pick_dtype(dev, dtype)
-    net, tokenizer, _ = load_model(model, device=dev)
+    net, tokenizer, info = load_model(model, device=dev)
+    # score with the context the model was trained on (RoPE does not extrapolate past it)
+    context = min(net.cfg.max_seq_len, info.get("train", {}).get("seq_len") or net.cfg.max_seq_len)
     if text:
         tokens, nbytes = text_stream(tokenizer, text)
     else:
@@ -112,7 +115,8 @@ def evaluate(model: str | os.PathLike, text: list[str] | None = None, data: str 
             raise StoryGPTError(f"{data}: prepared with a different tokenizer than the model's (checksum mismatch)")
         tokens = np.concatenate([[tokenizer.eos_id], *split_data.shards]).astype(np.int64)
         nbytes = split_data.bytes
-    nats, count = score_stream(net, tokens, dev, amp, batch_size=batch_size, stride=stride)
+    nats, count = score_stream(net, tokens, dev, amp, batch_size=batch_size, stride=stride, context=context)
     result = summarize(nats, count, nbytes)
+    result["context"] = context
     result["model"] = str(Path(model))
     return result

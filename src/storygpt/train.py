@@ -11,7 +11,9 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +48,18 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.o
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def warn(msg: str) -> None:
+    print(f"storygpt: warning: {msg}", file=sys.stderr)
+
+
+def maybe_compile(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile(model), or the model itself where the compiler's toolchain is missing."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        warn("torch.compile needs a C++ compiler on CPU and none was found; training without it")
+        return model
+    return torch.compile(model)
 
 
 def rng_state() -> dict:
@@ -269,14 +283,14 @@ def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = 
         group["betas"] = (tc.beta1, tc.beta2)
         if group["weight_decay"]:
             group["weight_decay"] = tc.weight_decay
-    fwd = torch.compile(model) if tc.compile else model
+    fwd = maybe_compile(model, device) if tc.compile else model
     model.train()
 
     logger = _Logger(run, step if ckpt is not None else None)
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps
     bpb_scale = val_data.tokens / max(val_data.bytes, 1) / math.log(2)
     n_params = model.num_params()
-    tokens_at_start = tokens_seen
+    tokens_at_start, start_step = tokens_seen, step
 
     def progress_of(step: int, t: float) -> float:
         p = step / tc.max_steps
@@ -292,7 +306,7 @@ def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = 
 
     def run_eval() -> float:
         nonlocal best_val
-        val_loss = evaluate_batches(fwd, val_batches, device, amp)
+        val_loss = evaluate_batches(model, val_batches, device, amp)  # eager: no recompile for eval mode
         record = {"step": step, "tokens": tokens_seen, "time": round(train_time, 2), "val_loss": val_loss,
                   "val_bpb": val_loss * bpb_scale}
         logger.log(record)
@@ -332,8 +346,16 @@ def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = 
                     x, y = train_data.batch(step * tc.grad_accum_steps + micro, tc.batch_size, tc.seq_len, tc.seed)
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True)
-                    with autocast(device, amp):
-                        _, loss = fwd(x, y)
+                    try:
+                        with autocast(device, amp):
+                            _, loss = fwd(x, y)
+                    except Exception as e:  # torch.compile fails on the first call if it cannot build
+                        if fwd is model or step > start_step:
+                            raise
+                        warn(f"torch.compile failed ({type(e).__name__}); training without it")
+                        fwd = model
+                        with autocast(device, amp):
+                            _, loss = model(x, y)
                     (loss / tc.grad_accum_steps).backward()
                     loss_sum += loss.detach()
                 if tc.grad_clip:

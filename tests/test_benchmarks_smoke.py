@@ -1,0 +1,14 @@
+"""Benchmarks are not tests, but a seconds-long smoke run of each keeps them from rotting."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def test_train_throughput_smoke():
+    out = subprocess.run([sys.executable, BENCHMARKS / "train_throughput.py", "--smoke"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| fp32 | no |" in out.stdout
