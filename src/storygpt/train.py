@@ -372,6 +372,8 @@ def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = 
                     logger.log({"step": step, "tokens": tokens_seen, "time": round(time_before + now - loop_start, 2),
                                 "lr": lr, "loss": loss_val, "tok_per_s": round(tps, 1)})
                     bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    if tc.max_time:  # a time-boxed run ends before max_steps: keep the ETA honest
+                        bar.total = min(tc.max_steps, round(step / max(progress_of(step, time_before + now - loop_start), 1e-9)))
                 bar.update(1)
                 if step % tc.eval_interval == 0 or step % tc.checkpoint_interval == 0:
                     train_time = time_before + time.perf_counter() - loop_start
