@@ -79,3 +79,13 @@ def data_dir(tmp_path_factory, story_file, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("data") / "prepared"
     prepare([story_file], tokenizer_dir, out, val_fraction=0.1, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir) -> Path:
+    """A tiny model trained for a few seconds on the generated stories."""
+    from storygpt.train import train
+
+    run = tmp_path_factory.mktemp("tinyrun") / "run"
+    train(data_dir, run, preset="tiny", max_steps=150, progress=False, overrides=["eval_interval=50", "eval_iters=2"])
+    return run

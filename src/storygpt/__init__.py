@@ -3,9 +3,10 @@
 from .checkpoint import load_model
 from .config import RunConfig, TrainConfig
 from .errors import StoryGPTError
+from .generate import StoryModel, load
 from .model import PRESETS, ModelConfig, Transformer
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "PRESETS", "RunConfig", "StoryGPTError", "Tokenizer", "TrainConfig", "Transformer",
-           "load_model"]
+           "StoryModel", "load", "load_model"]

@@ -65,6 +65,37 @@ def cmd_eval(args) -> None:
               f"{result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens, {result['bytes']:,} bytes")
 
 
+def cmd_generate(args) -> None:
+    from .generate import load
+
+    prompt = args.prompt or ""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StoryGPTError("prompt is not valid UTF-8 text") from None
+    if args.num_samples < 1:
+        raise StoryGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
+    model = load(args.model, device=args.device, dtype=args.dtype)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    if args.json or args.num_samples > 1 or args.no_stream:
+        stories = model.generate(prompt, num_samples=args.num_samples, **options)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "stories": stories, "stats": model.last_stats}))
+        else:
+            print("\n\n".join(stories) if args.num_samples == 1 else
+                  "\n\n".join(f"--- story {i + 1} ---\n{t}" for i, t in enumerate(stories)))
+    else:
+        for piece in model.stream(prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    if args.verbose:
+        st = model.last_stats
+        print(f"{st['new_tokens']} tokens in {st['seconds']:.2f} s: {st['tokens_per_s']:.1f} tokens/s, "
+              f"first token after {1000 * st['time_to_first_token_s']:.0f} ms", file=sys.stderr)
+
+
 def cmd_presets(args) -> None:
     from .model import PRESETS, Transformer
 
@@ -130,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None, help="window stride (default: half the context)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="write a story from a prompt")
+    g.add_argument("prompt", nargs="?", default="", help="the story's beginning (default: start from scratch)")
+    g.add_argument("--model", default=None, help="model or run directory (default: the shipped model)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="same seed, same story")
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--stop", action="append", default=[], help="end the story at this string (repeatable)")
+    g.add_argument("--no-stream", action="store_true")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--verbose", action="store_true", help="print speed on stderr")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.set_defaults(func=cmd_generate)
 
     pr = sub.add_parser("presets", help="list the model presets and their parameter counts")
     pr.set_defaults(func=cmd_presets)

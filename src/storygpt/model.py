@@ -127,7 +127,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        """x: (B, T, dim) at positions start..start+T-1. With a cache (this layer's preallocated
+        key/value buffers), the new keys/values are written at those positions and the queries
+        attend to everything up to them."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
@@ -136,23 +140,38 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k_buf, v_buf = cache
+            k_buf[:, :, start:start + T] = k
+            v_buf[:, :, start:start + T] = v
+            k, v = k_buf[:, :, :start + T], v_buf[:, :, :start + T]
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.dropout if self.training else 0.0
         if self.cfg.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            S = k.size(-2)
+            if T == S:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            elif T == 1:  # one new token sees the whole cache
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=p)
         else:
             y = naive_attention(q, k, v, p)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def causal_mask(T: int, S: int, device) -> torch.Tensor:
+    """(T, S) boolean mask for T queries that are the last T of S positions: True = may attend."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """The reference: softmax(QK^T / sqrt(d) + causal mask) V, materialising the T x T matrix."""
-    T = q.size(-2)
+    """The reference: softmax(QK^T / sqrt(d) + causal mask) V, materialising the T x S matrix."""
+    T, S = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf")).softmax(dim=-1)
     att = F.dropout(att, dropout_p)
     return att @ v
 
@@ -190,8 +209,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope))
+    def forward(self, x: torch.Tensor, rope, cache=None, start: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, start))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -238,24 +257,29 @@ class Transformer(nn.Module):
                 n -= self.pos_emb.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given targets, the mean cross-entropy.
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: "KVCache | None" = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and, given targets, the mean cross-entropy (targets of -1 are ignored).
 
-        With targets, logits are computed for every position; without, only for the last one
-        (all that sampling needs), which saves the largest matmul.
+        With targets, logits (B, T, vocab) are computed for every position; without, only for the
+        last one (B, 1, vocab), all that sampling needs. With a KVCache, idx continues the cached
+        sequence (positions cache.pos ...) and the cache advances by T.
         """
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise StoryGPTError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise StoryGPTError(f"sequence of {start + T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
         x = self.tok_emb(idx)
         rope = None
         if self.cfg.arch == "gpt2":
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
-        for layer in self.layers:
-            x = layer(x, rope)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, None if cache is None else (cache.k[i], cache.v[i]), start)
+        if cache is not None:
+            cache.pos += T
         x = self.norm(x)
         if targets is None:
             return self.output(x[:, -1:]), None
@@ -270,3 +294,17 @@ class Transformer(nn.Module):
             n += self.output.weight.numel()
         attn = 6 * self.cfg.n_layers * self.cfg.dim * seq_len  # 2 matmuls of T x d per token, x3 for fwd+bwd
         return 6 * n + attn
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: one (B, kv_heads, max_len, head_dim)
+    buffer pair per layer, filled in place (no re-concatenation). `pos` counts filled positions."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device=None, dtype=torch.float32, max_len: int | None = None):
+        shape = (batch_size, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0

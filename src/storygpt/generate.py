@@ -1,0 +1,220 @@
+"""Story generation: sampling filters, KV-cached batched decoding, streaming text, and the
+`StoryModel` Python API (`storygpt.load()`) that the CLI, the web app and the HTTP API share.
+
+Context: a story starts after an end-of-story token, then the prompt. When prompt + story outgrow
+the model's context, decoding slides: the cache is refilled with the most recent half-context of
+tokens and the story goes on (a prompt longer than the context keeps its last tokens). The text
+returned is always the full prompt plus everything generated.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model
+from .device import DTYPES, pick_device, supports_dtype
+from .errors import StoryGPTError
+from .model import KVCache, Transformer
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+MAX_NEW_TOKENS = 4096
+MAX_SAMPLES = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style: logits of tokens already in `history` (B, T) are divided by `penalty` when
+    positive and multiplied by it when negative. penalty 1.0 = off."""
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    seen = torch.gather(logits, 1, history)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, history, seen)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value kept), -inf elsewhere. k=0 = off."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p. p=1 = off."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+    drop_sorted = before >= p              # already enough mass without it (the top token always stays)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from (B, vocab) logits; temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return torch.multinomial(logits.float().softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise StoryGPTError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {self.max_new_tokens}")
+        if not 0 <= self.temperature <= 10:
+            raise StoryGPTError(f"temperature must be in [0, 10], got {self.temperature}")
+        if self.top_k < 0:
+            raise StoryGPTError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise StoryGPTError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise StoryGPTError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise StoryGPTError("stop strings must be non-empty strings")
+
+
+# --------------------------------------------------------------------------------------------
+# The model users talk to
+# --------------------------------------------------------------------------------------------
+class StoryModel:
+    """A loaded model + tokenizer that writes stories. Create it with `storygpt.load()`."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, info: dict | None = None, path: str = ""):
+        self.model, self.tokenizer, self.info, self.path = model.eval(), tokenizer, info or {}, path
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        trained = self.info.get("train", {}).get("seq_len")
+        self.context = min(model.cfg.max_seq_len, trained or model.cfg.max_seq_len)
+        self.last_stats: dict = {}
+
+    # --- public API ------------------------------------------------------------------------
+    def generate(self, prompt: str = "", num_samples: int | None = None, **options) -> str | list[str]:
+        """The prompt followed by a generated story (a list of `num_samples` of them if given).
+
+        Options: max_new_tokens=256, temperature=0.8 (0 = greedy), top_k=0 (off), top_p=0.95,
+        repetition_penalty=1.0, seed=None, stop=[] (strings that end the story, not included).
+        """
+        n = 1 if num_samples is None else num_samples
+        texts = [prompt] * n
+        for i, piece in self._run(prompt, n, SamplingOptions(**options)):
+            texts[i] += piece
+        return texts[0] if num_samples is None else texts
+
+    def stream(self, prompt: str = "", **options) -> Iterator[str]:
+        """Yield the prompt, then the story piece by piece as it is generated (same options)."""
+        yield prompt
+        for _, piece in self._run(prompt, 1, SamplingOptions(**options)):
+            yield piece
+
+    def facts(self) -> dict:
+        return {"path": self.path, "params": self.model.num_params(), "context": self.context,
+                "vocab_size": self.tokenizer.vocab_size, **{k: v for k, v in self.info.items() if k != "train"}}
+
+    # --- decoding --------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise StoryGPTError("prompt must be text")
+        return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
+
+    @torch.inference_mode()
+    def _run(self, prompt: str, n: int, opts: SamplingOptions) -> Iterator[tuple[int, str]]:
+        """Yield (sample index, new text) as tokens are decoded, for n samples in one batch."""
+        opts.validate()
+        if not 1 <= n <= MAX_SAMPLES:
+            raise StoryGPTError(f"num_samples must be in [1, {MAX_SAMPLES}], got {n}")
+        tok, model, ctx = self.tokenizer, self.model, self.context
+        prompt_ids = self.encode_prompt(prompt)
+        base_text = tok.decode(prompt_ids)
+        generator = None
+        if opts.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(opts.seed)
+        ids = torch.tensor([prompt_ids] * n, device=self.device)  # every token so far, per row
+        cache = KVCache(model.cfg, n, self.device, self.dtype, max_len=ctx)
+        emitted = [""] * n
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        new_tokens, t0, first_token_s = 0, time.perf_counter(), None
+        window = ids[:, -(ctx - 1):]  # a prompt longer than the context keeps its last tokens
+        logits, _ = model(window, cache=cache)
+        hold = max((len(x) for x in opts.stop), default=1) - 1  # a stop string may still be forming
+        for step in range(opts.max_new_tokens):
+            last = apply_repetition_penalty(logits[:, -1].float(), ids[:, 1:], opts.repetition_penalty)
+            nxt = sample_next(last, opts.temperature, opts.top_k, opts.top_p, generator)
+            nxt = torch.where(done, tok.eos_id, nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            new_tokens += int((~done).sum())
+            if first_token_s is None:
+                first_token_s = time.perf_counter() - t0
+            final = step == opts.max_new_tokens - 1
+            for i in range(n):
+                if done[i]:
+                    continue
+                text = tok.decode(ids[i].tolist())[len(base_text):]
+                cut = _first_stop(text, opts.stop)
+                if cut is not None:
+                    text = text[:cut]
+                finished = final or cut is not None or int(nxt[i]) == tok.eos_id
+                if not finished:
+                    if text.endswith("\ufffd"):
+                        continue  # an incomplete UTF-8 sequence of byte tokens: wait for the rest
+                    text = text[:len(text) - hold]
+                if finished:
+                    done[i] = True
+                if len(text) > len(emitted[i]):
+                    yield i, text[len(emitted[i]):]
+                    emitted[i] = text
+            if bool(done.all()):
+                break
+            if cache.pos >= ctx:  # slide: refill the cache with the latest half context
+                cache.reset()
+                logits, _ = model(ids[:, -(ctx // 2):], cache=cache)
+            else:
+                logits, _ = model(nxt[:, None], cache=cache)
+        elapsed = time.perf_counter() - t0
+        self.last_stats = {"new_tokens": new_tokens, "seconds": elapsed,
+                           "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0,
+                           "time_to_first_token_s": first_token_s or 0.0, "prompt_tokens": len(prompt_ids)}
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "fp32") -> StoryModel:
+    """Load a model directory or run directory (default: the model shipped with storygpt).
+
+    dtype: fp32 (default), bf16 or fp16, where the device supports it.
+    """
+    if path is None:
+        if not (DEFAULT_MODEL / "model.safetensors").is_file():
+            raise StoryGPTError("no default model is installed with this copy of storygpt; pass a model directory")
+        path = DEFAULT_MODEL
+    dev = pick_device(device)
+    if dtype not in DTYPES:
+        raise StoryGPTError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    if not supports_dtype(dev, dtype) and not (dev.type == "cpu" and dtype == "bf16"):
+        raise StoryGPTError(f"{dtype} is not supported on {dev.type}")
+    model, tokenizer, info = load_model(path, device=dev, dtype=DTYPES[dtype])
+    return StoryModel(model, tokenizer, info, str(path))
