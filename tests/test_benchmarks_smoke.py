@@ -12,3 +12,10 @@ def test_train_throughput_smoke():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "| fp32 | no |" in out.stdout
+
+
+def test_decode_smoke(tiny_run):
+    out = subprocess.run([sys.executable, BENCHMARKS / "decode.py", "--smoke", "--model", tiny_run],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| 1 |" in out.stdout and "| 8 |" in out.stdout

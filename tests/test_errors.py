@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_stories, run_cli, write_tinystories
+from conftest import run_cli, write_tinystories
 from storygpt.tokenizer import train_tokenizer
 from storygpt.train import train
 

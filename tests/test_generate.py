@@ -1,4 +1,3 @@
-import math
 import subprocess
 import sys
 
@@ -161,3 +160,18 @@ def test_cli_generate_not_a_model_and_bad_bytes(tmp_path, tiny_run):
     out = subprocess.run([sys.executable.encode(), b"-m", b"storygpt", b"generate", b"caf\xff", b"--model",
                           str(tiny_run).encode()], capture_output=True)
     assert out.returncode == 2 and b"not valid UTF-8" in out.stderr and b"Traceback" not in out.stderr
+
+
+def test_export_fp16(tiny_run, tmp_path, story_file, capsys):
+    from safetensors.torch import load_file
+
+    from storygpt.evaluate import evaluate
+
+    code, out, err = run_cli(["export", "--model", tiny_run, "--out", tmp_path / "m16", "--dtype", "fp16"], capsys)
+    assert code == 0, err
+    weights = load_file(tmp_path / "m16" / "model.safetensors")
+    assert all(w.dtype == torch.float16 for w in weights.values())
+    full = evaluate(tiny_run, text=[story_file])
+    half = evaluate(tmp_path / "m16", text=[story_file])
+    assert half["bits_per_byte"] == pytest.approx(full["bits_per_byte"], rel=0.01)
+    assert half["tokens"] == full["tokens"]

@@ -97,6 +97,16 @@ def save_model_dir(out: str | os.PathLike, model_cfg: ModelConfig, state_dict: d
     return out
 
 
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
+
+def default_model_path() -> Path:
+    """The model installed with the package (src/storygpt/default_model)."""
+    if not (DEFAULT_MODEL / WEIGHTS).is_file():
+        raise StoryGPTError("no default model is installed with this copy of storygpt; pass --model DIR")
+    return DEFAULT_MODEL
+
+
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """A model directory, or a run directory (its exported model, else its best/latest checkpoint)."""
     path = Path(path)

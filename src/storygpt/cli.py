@@ -96,6 +96,14 @@ def cmd_generate(args) -> None:
               f"first token after {1000 * st['time_to_first_token_s']:.0f} ms", file=sys.stderr)
 
 
+def cmd_export(args) -> None:
+    from .export import export_model
+
+    out = export_model(args.model, args.out, args.dtype)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"-> {out} ({size / 1e6:.1f} MB, {args.dtype})")
+
+
 def cmd_presets(args) -> None:
     from .model import PRESETS, Transformer
 
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte on text or prepared data")
-    e.add_argument("--model", required=True, help="model or run directory")
+    e.add_argument("--model", default=None, help="model or run directory (default: the shipped model)")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", nargs="+", help="text files (TinyStories .txt format or plain text)")
     src.add_argument("--data", help="prepared data directory")
@@ -179,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("export", help="write a model directory (e.g. fp16) from a run or model directory")
+    x.add_argument("--model", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    x.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="list the model presets and their parameter counts")
     pr.set_defaults(func=cmd_presets)

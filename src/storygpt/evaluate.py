@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model
+from .checkpoint import default_model_path, load_model
 from .data import TokenData, expand_inputs, iter_stories
 from .device import autocast, pick_device, pick_dtype
 from .errors import StoryGPTError
@@ -93,7 +92,7 @@ def text_stream(tokenizer: Tokenizer, files: list[str | os.PathLike]) -> tuple[n
     return np.asarray(ids, dtype=np.int64), sum(len(s.encode("utf-8")) for s in stories)
 
 
-def evaluate(model: str | os.PathLike, text: list[str] | None = None, data: str | os.PathLike | None = None,
+def evaluate(model: str | os.PathLike | None, text: list[str] | None = None, data: str | os.PathLike | None = None,
              split: str = "val", device: str = "auto", dtype: str = "fp32", batch_size: int = 8,
              stride: int | None = None) -> dict:
     """Evaluate a model (directory or run) on text files or on a split of a prepared data directory.
@@ -104,7 +103,7 @@ def evaluate(model: str | os.PathLike, text: list[str] | None = None, data: str 
         raise StoryGPTError("give either --text FILE... or --data DIR")
     dev = pick_device(device)
     amp = pick_dtype(dev, dtype)
-    net, tokenizer, info = load_model(model, device=dev)
+    net, tokenizer, info = load_model(default_model_path() if model is None else model, device=dev)
     # score with the context the model was trained on (RoPE does not extrapolate past it)
     context = min(net.cfg.max_seq_len, info.get("train", {}).get("seq_len") or net.cfg.max_seq_len)
     if text:
@@ -118,5 +117,5 @@ def evaluate(model: str | os.PathLike, text: list[str] | None = None, data: str 
     nats, count = score_stream(net, tokens, dev, amp, batch_size=batch_size, stride=stride, context=context)
     result = summarize(nats, count, nbytes)
     result["context"] = context
-    result["model"] = str(Path(model))
+    result["model"] = str(model or "default")
     return result

@@ -13,17 +13,15 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import default_model_path, load_model
 from .device import DTYPES, pick_device, supports_dtype
 from .errors import StoryGPTError
 from .model import KVCache, Transformer
 from .tokenizer import Tokenizer
 
-DEFAULT_MODEL = Path(__file__).parent / "default_model"
 MAX_NEW_TOKENS = 4096
 MAX_SAMPLES = 64
 
@@ -208,9 +206,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str
     dtype: fp32 (default), bf16 or fp16, where the device supports it.
     """
     if path is None:
-        if not (DEFAULT_MODEL / "model.safetensors").is_file():
-            raise StoryGPTError("no default model is installed with this copy of storygpt; pass a model directory")
-        path = DEFAULT_MODEL
+        path = default_model_path()
     dev = pick_device(device)
     if dtype not in DTYPES:
         raise StoryGPTError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
