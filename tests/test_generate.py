@@ -175,3 +175,11 @@ def test_export_fp16(tiny_run, tmp_path, story_file, capsys):
     half = evaluate(tmp_path / "m16", text=[story_file])
     assert half["bits_per_byte"] == pytest.approx(full["bits_per_byte"], rel=0.01)
     assert half["tokens"] == full["tokens"]
+
+
+def test_shipped_default_model():
+    """The model installed with the package loads without arguments and writes a story."""
+    model = storygpt.load()
+    assert model.context == 256 and model.tokenizer.vocab_size == 4096
+    text = model.generate("Once upon a time", seed=1, max_new_tokens=30)
+    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 20
