@@ -107,6 +107,12 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL
 
 
+def trained_context(cfg: ModelConfig, info: dict) -> int:
+    """The context a model can be used with: the training seq_len recorded with it, at most max_seq_len
+    (RoPE does not extrapolate past what it was trained on)."""
+    return min(cfg.max_seq_len, info.get("train", {}).get("seq_len") or cfg.max_seq_len)
+
+
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """A model directory, or a run directory (its exported model, else its best/latest checkpoint)."""
     path = Path(path)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import default_model_path, load_model
+from .checkpoint import default_model_path, load_model, trained_context
 from .data import TokenData, expand_inputs, iter_stories
 from .device import autocast, pick_device, pick_dtype
 from .errors import StoryGPTError
@@ -104,8 +104,7 @@ def evaluate(model: str | os.PathLike | None, text: list[str] | None = None, dat
     dev = pick_device(device)
     amp = pick_dtype(dev, dtype)
     net, tokenizer, info = load_model(default_model_path() if model is None else model, device=dev)
-    # score with the context the model was trained on (RoPE does not extrapolate past it)
-    context = min(net.cfg.max_seq_len, info.get("train", {}).get("seq_len") or net.cfg.max_seq_len)
+    context = trained_context(net.cfg, info)
     if text:
         tokens, nbytes = text_stream(tokenizer, text)
     else:

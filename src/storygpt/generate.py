@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import default_model_path, load_model
+from .checkpoint import default_model_path, load_model, trained_context
 from .device import DTYPES, pick_device, supports_dtype
 from .errors import StoryGPTError
 from .model import KVCache, Transformer
@@ -103,8 +103,7 @@ class StoryModel:
         self.model, self.tokenizer, self.info, self.path = model.eval(), tokenizer, info or {}, path
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        trained = self.info.get("train", {}).get("seq_len")
-        self.context = min(model.cfg.max_seq_len, trained or model.cfg.max_seq_len)
+        self.context = trained_context(model.cfg, self.info)
         self.last_stats: dict = {}
 
     # --- public API ------------------------------------------------------------------------
