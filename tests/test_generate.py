@@ -183,3 +183,19 @@ def test_shipped_default_model():
     assert model.context == 256 and model.tokenizer.vocab_size == 4096
     text = model.generate("Once upon a time", seed=1, max_new_tokens=30)
     assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 20
+
+
+def test_stream_samples_reports_per_call_stats(tiny_run):
+    story_model = storygpt.load(tiny_run)
+    stats = {}
+    pieces = list(story_model.stream_samples("Once", num_samples=3, stats=stats, max_new_tokens=12,
+                                             temperature=1.0, seed=5))
+    texts = ["", "", ""]
+    for i, piece in pieces:
+        texts[i] += piece
+    assert texts == [t[len("Once"):] for t in story_model.generate("Once", num_samples=3, max_new_tokens=12,
+                                                                   temperature=1.0, seed=5)]
+    assert len(stats["finish_reasons"]) == 3 and set(stats["finish_reasons"]) <= {"stop", "length"}
+    assert sum(stats["tokens_per_sample"]) == stats["new_tokens"]
+    assert all(1 <= c <= 12 for c in stats["tokens_per_sample"])
+    assert stats["prompt_tokens"] == story_model.count_tokens("Once") >= 1

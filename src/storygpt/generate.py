@@ -125,6 +125,17 @@ class StoryModel:
         for _, piece in self._run(prompt, 1, SamplingOptions(**options)):
             yield piece
 
+    def stream_samples(self, prompt: str = "", num_samples: int = 1, stats: dict | None = None,
+                       **options) -> Iterator[tuple[int, str]]:
+        """Yield (sample index, new text) for `num_samples` stories decoded in one batch, without the
+        prompt. `stats` (a dict), if given, receives this call's speed figures when it ends: the
+        thread-safe alternative to `last_stats` for servers running several calls at once."""
+        return self._run(prompt, num_samples, SamplingOptions(**options), stats)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` takes as a prompt (without the start-of-story token)."""
+        return len(self.encode_prompt(text)) - 1
+
     def facts(self) -> dict:
         return {"path": self.path, "params": self.model.num_params(), "context": self.context,
                 "vocab_size": self.tokenizer.vocab_size, **{k: v for k, v in self.info.items() if k != "train"}}
@@ -136,7 +147,8 @@ class StoryModel:
         return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
 
     @torch.inference_mode()
-    def _run(self, prompt: str, n: int, opts: SamplingOptions) -> Iterator[tuple[int, str]]:
+    def _run(self, prompt: str, n: int, opts: SamplingOptions,
+             stats: dict | None = None) -> Iterator[tuple[int, str]]:
         """Yield (sample index, new text) as tokens are decoded, for n samples in one batch."""
         opts.validate()
         if not 1 <= n <= MAX_SAMPLES:
@@ -151,6 +163,8 @@ class StoryModel:
         cache = KVCache(model.cfg, n, self.device, self.dtype, max_len=ctx)
         emitted = [""] * n
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        counts = torch.zeros(n, dtype=torch.long, device=self.device)  # tokens made per sample
+        reasons = ["length"] * n  # "stop": the story ended (end-of-story token or a stop string)
         new_tokens, t0, first_token_s = 0, time.perf_counter(), None
         window = ids[:, -(ctx - 1):]  # a prompt longer than the context keeps its last tokens
         logits, _ = model(window, cache=cache)
@@ -161,6 +175,7 @@ class StoryModel:
             nxt = torch.where(done, tok.eos_id, nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             new_tokens += int((~done).sum())
+            counts += (~done).long()
             if first_token_s is None:
                 first_token_s = time.perf_counter() - t0
             final = step == opts.max_new_tokens - 1
@@ -178,6 +193,8 @@ class StoryModel:
                     text = text[:len(text) - hold]
                 if finished:
                     done[i] = True
+                    if cut is not None or int(nxt[i]) == tok.eos_id:
+                        reasons[i] = "stop"
                 if len(text) > len(emitted[i]):
                     yield i, text[len(emitted[i]):]
                     emitted[i] = text
@@ -189,9 +206,13 @@ class StoryModel:
             else:
                 logits, _ = model(nxt[:, None], cache=cache)
         elapsed = time.perf_counter() - t0
-        self.last_stats = {"new_tokens": new_tokens, "seconds": elapsed,
-                           "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0,
-                           "time_to_first_token_s": first_token_s or 0.0, "prompt_tokens": len(prompt_ids)}
+        figures = {"new_tokens": new_tokens, "seconds": elapsed,
+                   "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0,
+                   "time_to_first_token_s": first_token_s or 0.0, "prompt_tokens": len(prompt_ids) - 1,
+                   "finish_reasons": reasons, "tokens_per_sample": counts.tolist()}
+        self.last_stats = figures
+        if stats is not None:
+            stats.update(figures)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
