@@ -60,3 +60,22 @@ def test_evaluate_text_bits_per_byte(tmp_path, data_dir, stories):
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     uniform_bpb = math.log2(tok.vocab_size) * result["tokens"] / result["bytes"]
     assert 0 < result["bits_per_byte"] < 0.5 * uniform_bpb  # it learned something
+
+
+def test_eval_record_keeps_the_result_in_the_model_dir(tiny_run, tmp_path, stories, capsys):
+    import json
+    import shutil
+
+    import storygpt
+    from conftest import run_cli
+
+    model_dir = shutil.copytree(tiny_run / "model", tmp_path / "model")
+    text = write_tinystories(tmp_path / "held.txt", stories[:20])
+    code, out, _ = run_cli(["eval", "--model", model_dir, "--text", text, "--record", "--json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    recorded = json.loads((model_dir / "config.json").read_text())["storygpt"]["evals"]["held.txt"]
+    assert recorded["bits_per_byte"] == result["bits_per_byte"] and recorded["tokens"] == result["tokens"]
+    assert storygpt.load(model_dir).facts()["evals"]["held.txt"]["loss"] == result["loss"]
+    code, _, err = run_cli(["eval", "--model", tiny_run, "--text", text, "--record"], capsys)
+    assert code == 2 and "needs a model directory" in err

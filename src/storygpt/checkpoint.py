@@ -97,6 +97,18 @@ def save_model_dir(out: str | os.PathLike, model_cfg: ModelConfig, state_dict: d
     return out
 
 
+def record_eval(model_dir: str | os.PathLike, name: str, result: dict) -> None:
+    """Keep an evaluation result in a model directory's config.json (under storygpt.evals[name]), so the
+    model carries its measured quality with it (the web app and `facts()` show it)."""
+    path = Path(model_dir) / "config.json"
+    if not (Path(model_dir) / WEIGHTS).is_file() or not path.is_file():
+        raise StoryGPTError(f"{model_dir}: --record needs a model directory (a run's is RUN/model)")
+    meta = json.loads(path.read_text())
+    keep = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "context")}
+    meta.setdefault("storygpt", {}).setdefault("evals", {})[name] = keep
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 

@@ -58,6 +58,13 @@ def cmd_eval(args) -> None:
 
     result = evaluate(args.model, text=args.text, data=args.data, split=args.split, device=args.device,
                       dtype=args.dtype, batch_size=args.batch_size, stride=args.stride)
+    if args.record:
+        from pathlib import Path
+
+        from .checkpoint import default_model_path, record_eval
+
+        name = "+".join(Path(f).name for f in args.text) if args.text else f"{Path(args.data).name}:{args.split}"
+        record_eval(args.model or default_model_path(), name, result)
     if args.json:
         print(json.dumps(result))
     else:
@@ -94,6 +101,14 @@ def cmd_generate(args) -> None:
         st = model.last_stats
         print(f"{st['new_tokens']} tokens in {st['seconds']:.2f} s: {st['tokens_per_s']:.1f} tokens/s, "
               f"first token after {1000 * st['time_to_first_token_s']:.0f} ms", file=sys.stderr)
+
+
+def cmd_app(args) -> None:
+    from .app import launch
+
+    code = launch(args.model, args.models_dir, host=args.host, port=args.port)
+    if code not in (0, -15):
+        raise StoryGPTError(f"the web app stopped with exit code {code}")
 
 
 def cmd_export(args) -> None:
@@ -168,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--stride", type=int, default=None, help="window stride (default: half the context)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--record", action="store_true", help="keep the result in the model directory's config.json")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="write a story from a prompt")
@@ -187,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("app", help="the web app: type a prompt, watch a story being written")
+    a.add_argument("--model", action="append", default=None, help="model or run directory (repeatable; "
+                   "default: the shipped model)")
+    a.add_argument("--models-dir", help="offer every model or run folder inside this directory")
+    a.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    a.add_argument("--port", type=int, default=8501)
+    a.set_defaults(func=cmd_app)
 
     x = sub.add_parser("export", help="write a model directory (e.g. fp16) from a run or model directory")
     x.add_argument("--model", required=True)

@@ -86,7 +86,7 @@ class RunConfig:
         return {"model": asdict(self.model), "train": asdict(self.train)}
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> RunConfig:
         cfg = RunConfig(ModelConfig(), TrainConfig())
         return apply_sections(cfg, d, source)
 

@@ -74,7 +74,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -258,7 +258,7 @@ class Transformer(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: "KVCache | None" = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and, given targets, the mean cross-entropy (targets of -1 are ignored).
 
         With targets, logits (B, T, vocab) are computed for every position; without, only for the

@@ -90,7 +90,7 @@ class Tokenizer:
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Load from a tokenizer directory (or a model/run directory containing one)."""
         path = Path(path)
         for cand in (path, path / "tokenizer"):

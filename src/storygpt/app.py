@@ -1,0 +1,307 @@
+"""The storygpt web app: type a prompt, watch a story being written.
+
+A Streamlit script over the Python API (`storygpt.load()` / `StoryModel.stream`). Start it with
+`storygpt app [--model DIR ...] [--models-dir DIR] [--port N]`, which passes the model folders in the
+STORYGPT_APP_MODELS environment variable (a JSON list; none = the shipped default model).
+
+Streamlit runs this file top to bottom for every interaction, in one thread per browser session, so
+each user's story streams on its own; the model itself is loaded once per process (`cache_resource`).
+Stopping works the Streamlit way: pressing Stop asks for a rerun, which interrupts the running
+script at its next write; the words written so far are kept in the session state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import streamlit as st
+
+import storygpt
+from storygpt.checkpoint import resolve_model_path
+from storygpt.errors import StoryGPTError
+from storygpt.generate import StoryModel
+
+MODELS_ENV = "STORYGPT_APP_MODELS"
+HISTORY_SIZE = 10
+EXAMPLES = [
+    "Once upon a time, there was a little girl named Lily who found a shiny key in the garden.",
+    "Tom and his dog Max went to the park. Max saw a big red ball and",
+    "The little bird was sad because it could not fly.",
+    "One day, a boy named Ben wanted to bake a cake for his mom.",
+]
+DEFAULTS = {"prompt": "", "max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p": 0.95,
+            "repetition_penalty": 1.0, "seed": 42, "fresh_seed": True}
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+def model_choices() -> dict[str, str | None]:
+    """Display name -> model folder (None = the shipped default model), from STORYGPT_APP_MODELS."""
+    paths = json.loads(os.environ.get(MODELS_ENV) or "[]")
+    if not paths:
+        return {"storygpt default": None}
+    names: dict[str, str | None] = {}
+    for p in paths:
+        name = Path(p).name or str(p)
+        names[name if name not in names else str(p)] = p
+    return names
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def get_model(path: str | None) -> StoryModel:
+    return storygpt.load(path)
+
+
+def describe(model: StoryModel) -> str:
+    facts = model.facts()
+    parts = [f"**{facts['params'] / 1e6:.1f}M** parameters", f"context **{facts['context']}** tokens",
+             f"vocabulary **{facts['vocab_size']:,}**"]
+    for name, result in (facts.get("evals") or {}).items():
+        parts.append(f"held-out **{result['bits_per_byte']:.3f}** bits/byte on {name}")
+    return " · ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Widgets' callbacks (run before the script, so they may change widget values)
+# --------------------------------------------------------------------------------------------
+def use_example(text: str) -> None:
+    st.session_state.prompt = text
+
+
+def surprise_seed() -> None:
+    st.session_state.seed = random.randrange(1_000_000)
+
+
+def start_story() -> None:
+    if st.session_state.fresh_seed:
+        surprise_seed()
+    st.session_state.writing = True
+
+
+def stop_story() -> None:
+    st.session_state.stopped = True
+
+
+def init_state() -> None:
+    for key, value in DEFAULTS.items():
+        st.session_state.setdefault(key, value)
+    st.session_state.setdefault("history", [])
+    st.session_state.setdefault("writing", False)
+    st.session_state.setdefault("stopped", False)
+
+
+# --------------------------------------------------------------------------------------------
+# Page
+# --------------------------------------------------------------------------------------------
+def sidebar(choices: dict[str, str | None]) -> str | None:
+    with st.sidebar:
+        st.header("Settings")
+        name = st.selectbox("Model", list(choices), key="model_name", disabled=len(choices) == 1)
+        st.slider("Length (new tokens)", 16, 1024, step=8, key="max_new_tokens")
+        st.slider("Temperature", 0.0, 2.0, step=0.05, key="temperature",
+                  help="0 always picks the most likely word; higher is more adventurous.")
+        st.number_input("Top-k", 0, 100_000, step=1, key="top_k", help="0 = off")
+        st.slider("Top-p", 0.05, 1.0, step=0.05, key="top_p")
+        st.slider("Repetition penalty", 1.0, 2.0, step=0.05, key="repetition_penalty", help="1 = off")
+        st.number_input("Seed", 0, 2**31 - 1, step=1, key="seed", help="Same seed and settings, same story.")
+        st.toggle("New seed for every story", key="fresh_seed")
+        st.button("Surprise me", on_click=surprise_seed, key="surprise", help="Pick a random seed.")
+    return choices[name]
+
+
+def options() -> dict:
+    ss = st.session_state
+    return dict(max_new_tokens=int(ss.max_new_tokens), temperature=float(ss.temperature), top_k=int(ss.top_k),
+                top_p=float(ss.top_p), repetition_penalty=float(ss.repetition_penalty), seed=int(ss.seed))
+
+
+def check_prompt(model: StoryModel, prompt: str) -> str | None:
+    """A friendly message if the prompt cannot be used, else None."""
+    n = model.count_tokens(prompt)
+    if n >= model.context:
+        return (f"Your beginning is {n} tokens long, but this model can only read {model.context - 1} at a time. "
+                "Please shorten it (the last sentence or two is usually enough).")
+    return None
+
+
+def write_story(model: StoryModel, prompt: str, opts: dict, stop_slot) -> None:
+    """Stream a story into the page; on success add it to the history."""
+    ss = st.session_state
+    stats: dict = {}
+    ss.partial = {"prompt": prompt, "story": "", "seed": opts["seed"], "model": ss.model_name}
+    stop_slot.button("Stop", on_click=stop_story, key="stop")
+
+    def pieces():
+        yield prompt_markdown(prompt)
+        for _, piece in model.stream_samples(prompt, 1, stats=stats, **opts):
+            ss.partial["story"] += piece
+            yield as_markdown(piece)
+
+    with st.container(key="story"):
+        st.write_stream(pieces())
+    stop_slot.empty()
+    finish(ss.partial, stats)
+
+
+def finish(entry: dict, stats: dict | None) -> None:
+    ss = st.session_state
+    entry["stats"] = stats or {}
+    entry["time"] = datetime.now().strftime("%H:%M:%S")
+    ss.history = [entry] + ss.history[:HISTORY_SIZE - 1]
+    ss.partial = None
+
+
+def as_markdown(text: str) -> str:
+    """Story text shown as-is: markdown's special characters escaped, line breaks kept."""
+    for ch in "\\`*_[]<>#|$~":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\n", "  \n")
+
+
+def prompt_markdown(prompt: str) -> str:
+    """The prompt in bold (with the whitespace it ended with, which the story continues from)."""
+    if not prompt.strip():
+        return ""
+    return f"**{as_markdown(prompt.strip())}**" + as_markdown(prompt[len(prompt.rstrip()):])
+
+
+def show_stats(entry: dict) -> None:
+    s = entry.get("stats") or {}
+    if s:
+        line = (f"{s['new_tokens']} tokens in {s['seconds']:.2f} s · **{s['tokens_per_s']:.0f} tokens/s** · "
+                f"first token after {1000 * s['time_to_first_token_s']:.0f} ms · seed {entry['seed']}")
+    else:
+        line = f"stopped early · seed {entry['seed']}"
+    st.caption(line)
+
+
+def story_text(entry: dict) -> str:
+    return entry["prompt"] + entry["story"]
+
+
+def history() -> None:
+    entries = st.session_state.history
+    if not entries:
+        return
+    st.divider()
+    st.subheader("This session's stories")
+    everything = "\n\n<|endoftext|>\n\n".join(story_text(e) for e in entries)
+    st.download_button("Download all (.txt)", everything, file_name="stories.txt", mime="text/plain",
+                       key="download_all")
+    for i, e in enumerate(entries):
+        title = (e["prompt"].strip() or e["story"].strip())[:60] or "(empty)"
+        with st.expander(f"{e['time']} · {title}…", expanded=False):
+            st.markdown(as_markdown(story_text(e)))
+            show_stats(e)
+            st.download_button("Download (.txt)", story_text(e), file_name=f"story-{e['seed']}.txt",
+                               mime="text/plain", key=f"download_{i}")
+
+
+def main() -> None:
+    st.set_page_config(page_title="storygpt", page_icon="📖", layout="centered")
+    init_state()
+    ss = st.session_state
+    choices = model_choices()
+    path = sidebar(choices)
+    st.title("storygpt")
+    st.write("Type the beginning of a story, or pick one below, and a tiny language model writes the rest.")
+    try:
+        model = get_model(path)
+    except StoryGPTError as e:
+        st.error(f"This model cannot be loaded: {e}")
+        return
+    st.caption(describe(model))
+
+    cols = st.columns(len(EXAMPLES))
+    for i, (col, text) in enumerate(zip(cols, EXAMPLES)):
+        col.button(text[:28] + "…", key=f"example_{i}", on_click=use_example, args=(text,), help=text,
+                   use_container_width=True)
+    st.text_area("Beginning of the story (empty = the model starts from scratch)", key="prompt", height=100,
+                 max_chars=4000)
+    left, right = st.columns([1, 1])
+    left.button("Write my story", type="primary", on_click=start_story, key="write")
+    stop_slot = right.empty()
+
+    if ss.stopped and ss.get("partial"):  # Stop pressed: keep what was written so far
+        finish(ss.partial, None)
+        st.info("Stopped. The story so far is in the history below.")
+    ss.stopped = False
+
+    if ss.writing:
+        ss.writing = False
+        problem = check_prompt(model, ss.prompt)
+        if problem:
+            st.warning(problem)
+        else:
+            try:
+                write_story(model, ss.prompt, options(), stop_slot)
+                show_stats(ss.history[0])
+            except StoryGPTError as e:
+                ss.partial = None
+                st.warning(f"Those settings don't work: {e}")
+            except Exception as e:  # never a traceback on the page
+                ss.partial = None
+                st.error(f"Something went wrong while writing ({type(e).__name__}: {e}). Please try again.")
+    elif ss.history:  # the latest story stays on the page across reruns
+        latest = ss.history[0]
+        with st.container(key="story"):
+            st.markdown(prompt_markdown(latest["prompt"]) + as_markdown(latest["story"]))
+        show_stats(latest)
+    history()
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher (`storygpt app`): runs this file with Streamlit in a child process
+# --------------------------------------------------------------------------------------------
+def find_models(models: list[str] | None = None, models_dir: str | None = None) -> list[str]:
+    """The model folders to offer: each of `models`, then every model or run folder inside `models_dir`."""
+    found = [str(resolve_model_path(m)) for m in models or []]
+    if models_dir is not None:
+        root = Path(models_dir)
+        if not root.is_dir():
+            raise StoryGPTError(f"{models_dir}: no such models directory")
+        inside = []
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            try:
+                inside.append(str(resolve_model_path(sub)))
+            except StoryGPTError:
+                continue  # not a model: other files may live there
+        if not inside:
+            raise StoryGPTError(f"{models_dir}: no model or run folders inside")
+        found += inside
+    return found
+
+
+def launch(models: list[str] | None = None, models_dir: str | None = None, host: str = "127.0.0.1",
+           port: int = 8501) -> int:
+    """Serve the app until interrupted; returns Streamlit's exit code."""
+    paths = find_models(models, models_dir)
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise StoryGPTError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    env = {**os.environ, MODELS_ENV: json.dumps(paths)}
+    cmd = [sys.executable, "-m", "streamlit", "run", __file__, "--server.headless", "true",
+           "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
+           "--client.showErrorDetails", "false", "--client.toolbarMode", "minimal", "--global.developmentMode",
+           "false"]
+    print(f"storygpt app: http://{host}:{port}  (Ctrl+C to stop)", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
+if __name__ == "__main__":
+    main()
