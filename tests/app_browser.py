@@ -8,6 +8,8 @@ with the default model through the same code path:
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +37,7 @@ def running_app(models: list[str] | None = None, timeout: float = 60.0):
     cmd = [sys.executable, "-m", "storygpt", "app", "--port", str(port)]
     for m in models or []:
         cmd += ["--model", str(m)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -53,11 +55,15 @@ def running_app(models: list[str] | None = None, timeout: float = 60.0):
             time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
+        proc.terminate()  # `storygpt app` stops its Streamlit child on SIGTERM
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pass
+        try:  # whatever is left of the process group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def write_story_in_browser(url: str, prompt: str, screenshot: str | Path, seed: int | None = None,

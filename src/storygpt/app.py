@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -296,11 +297,22 @@ def launch(models: list[str] | None = None, models_dir: str | None = None, host:
            "false"]
     print(f"storygpt app: http://{host}:{port}  (Ctrl+C to stop)", flush=True)
     proc = subprocess.Popen(cmd, env=env)
+
+    def stop(signum, frame):  # SIGTERM to us (a service manager, a test) stops Streamlit too
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
-        return proc.wait()
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
