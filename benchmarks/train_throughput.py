@@ -1,114 +1,161 @@
-"""Training-step throughput of a preset: tokens/s for eager/compiled x fp32/bf16, plus MFU.
+"""Training-step throughput, side by side: storygpt vs transformers' LlamaForCausalLM vs nanoGPT.
 
-Each mode runs the real step of `storygpt train` (autocast forward, backward, grad clipping, fused
-AdamW) on random tokens, after warm-up steps (which absorb torch.compile's compile time). Modes are
-measured in alternating rounds so that machine noise hits them alike; the median round counts.
-MFU = model FLOPs per token x tokens/s / the matmul peak measured here (a large torch.mm) in the same dtype.
+Same shape for all (the `small` preset: dim 256, 6 layers, 4 heads, 4K vocab; T=512, batch 8), same
+random tokens, same step (autocast forward, backward, grad-norm clipping, AdamW step), in fp32 and
+bf16 (where the CPU has native bf16), eager and torch.compile'd:
+- storygpt: `Transformer` + the optimizer of `storygpt train` (fused AdamW);
+- transformers: `LlamaForCausalLM` with the same config, trained with a plain `torch.optim.AdamW` loop;
+- nanoGPT: its `GPT` model and its own `configure_optimizers`, loaded from a checkout given with
+  --nanogpt DIR (used by this run only; never part of storygpt).
+Contenders are measured in alternating rounds after warm-up steps (which absorb compile time); the
+median round counts. MFU = model FLOPs per token (6 N + attention) x tokens/s / the matmul peak
+measured here in the same dtype.
 
-    python benchmarks/train_throughput.py [--preset small] [--steps 6] [--rounds 3] [--smoke]
+    python benchmarks/train_throughput.py [--nanogpt ../nanoGPT] [--rounds 3] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
-from datetime import date
+import contextlib
+import importlib.util
+import io
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from common import alternate, header, matmul_peak, median, save, table
 from storygpt.config import preset as get_preset
-from storygpt.device import DTYPES, autocast, cpu_has_native_bf16, machine_description
-from storygpt.model import Transformer
+from storygpt.device import DTYPES, autocast, cpu_has_native_bf16
+from storygpt.model import ModelConfig, Transformer
 from storygpt.train import make_optimizer
 
-RESULTS = Path(__file__).parent / "results"
+CPU = torch.device("cpu")
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """FLOP/s of a large square matmul in `dtype` on this CPU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+def flops_per_token(n_matmul_params: int, cfg: ModelConfig, seq_len: int) -> float:
+    """6 N (N: every weight used in a matmul, the output layer included) + causal attention."""
+    return 6 * n_matmul_params + 6 * cfg.n_layers * cfg.dim * seq_len
 
 
-def make_step(preset: str, amp: str, compiled: bool, batch_size: int, seq_len: int):
-    cfg = get_preset(preset)
+def storygpt_model(cfg: ModelConfig, lr: float):
+    model = Transformer(cfg)
+    tc = replace(get_preset("small").train, lr=lr)
+    n = model.num_params(exclude_embeddings=True) + model.output.weight.numel()
+    return model, make_optimizer(model, tc, CPU), lambda x, y: model(x, y)[1], n
+
+
+def transformers_model(cfg: ModelConfig, lr: float):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.mlp_dim,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_seq_len,
+                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
+                         attention_bias=False, mlp_bias=False)
+    model = LlamaForCausalLM(hf_cfg)
+    model.config._attn_implementation = "sdpa"
+    n = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    n += model.lm_head.weight.numel()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    return model, opt, lambda x, y: model(input_ids=x, labels=y).loss, n
+
+
+def nanogpt_model(cfg: ModelConfig, lr: float, checkout: Path):
+    spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    gcfg = mod.GPTConfig(block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layers,
+                         n_head=cfg.n_heads, n_embd=cfg.dim, dropout=0.0, bias=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter counts
+        model = mod.GPT(gcfg)
+        opt = model.configure_optimizers(0.1, lr, (0.9, 0.95), "cpu")
+    n = model.get_num_params(non_embedding=True)  # excludes position embeddings; the tied output counts below
+    n += model.lm_head.weight.numel() - model.transformer.wte.weight.numel()  # 0: tied, as ours
+    n += model.transformer.wte.weight.numel()
+    return model, opt, lambda x, y: model(x, y)[1], n
+
+
+def make_step(build, amp: str, compiled: bool, x: torch.Tensor, y: torch.Tensor):
     torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    opt = make_optimizer(model, cfg.train, torch.device("cpu"))
-    fwd = torch.compile(model) if compiled else model
-    x = torch.randint(0, cfg.model.vocab_size, (batch_size, seq_len))
-    y = torch.randint(0, cfg.model.vocab_size, (batch_size, seq_len))
-    dev = torch.device("cpu")
+    model, opt, loss_fn, n = build()
+    model.train()
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
 
     def step():
-        with autocast(dev, amp):
-            _, loss = fwd(x, y)
+        with autocast(CPU, amp):
+            loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return model, step
+    return step, n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--smoke", action="store_true", help="tiny preset, 1 step, eager only: checks the script runs")
-    ap.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
+    ap.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout (its model.py is used)")
+    ap.add_argument("--no-compile", action="store_true", help="eager modes only")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 step, eager: checks the script runs")
     args = ap.parse_args()
     if args.smoke:
-        args.preset, args.steps, args.rounds = "tiny", 1, 1
-    tc = get_preset(args.preset).train
-    B, T = args.batch_size or tc.batch_size, args.seq_len or tc.seq_len
+        args.preset, args.batch_size, args.seq_len, args.steps, args.rounds = "tiny", 2, 32, 1, 1
+        args.no_compile = True
+    B, T = args.batch_size, args.seq_len
+    cfg = replace(get_preset(args.preset).model, max_seq_len=T, dropout=0.0)
+    lr = get_preset(args.preset).train.lr
+    builders = {"storygpt": lambda: storygpt_model(cfg, lr), "transformers": lambda: transformers_model(cfg, lr)}
+    if args.nanogpt is not None:
+        if not (args.nanogpt / "model.py").is_file():
+            sys.exit(f"{args.nanogpt}: not a nanoGPT checkout (no model.py)")
+        builders["nanoGPT"] = lambda: nanogpt_model(cfg, lr, args.nanogpt)
 
     dtypes = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
-    modes = [(amp, c) for c in ([False] if args.smoke else [False, True]) for amp in dtypes]
+    modes = [(amp, c) for c in ([False] if args.no_compile else [False, True]) for amp in dtypes]
     peaks = {amp: matmul_peak(DTYPES[amp], n=256 if args.smoke else 2048) for amp in dtypes}
-    steps, model = {}, None
-    for amp, compiled in modes:  # build + warm up (compiles) every mode first
-        model, step = make_step(args.preset, amp, compiled, B, T)
-        for _ in range(1 if args.smoke else 3):
-            step()
-        steps[(amp, compiled)] = step
-    flops_per_token = model.flops_per_token(T)
-    times = {m: [] for m in modes}
-    for _ in range(args.rounds):  # alternate modes within each round
-        for m in modes:
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                steps[m]()
-            times[m].append((time.perf_counter() - t) / args.steps)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
+    y = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
 
     rows = []
-    for (amp, compiled), ts in times.items():
-        tps = B * T / statistics.median(ts)
-        rows.append({"dtype": amp, "compiled": compiled, "tokens_per_s": round(tps, 1),
-                     "mfu": round(tps * flops_per_token / peaks[amp], 4),
-                     "matmul_peak_gflops": round(peaks[amp] / 1e9, 1)})
-    result = {"benchmark": "train_throughput", "preset": args.preset, "batch_size": B, "seq_len": T,
-              "params": model.num_params(), "flops_per_token": flops_per_token, "date": str(date.today()),
-              "machine": machine_description(), "rows": rows}
-    if not args.smoke:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"preset {args.preset}: {model.num_params() / 1e6:.2f}M params, batch {B} x {T} tokens")
-    print("| dtype | compiled | tokens/s | MFU | matmul peak (GFLOP/s) |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['dtype']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | "
-              f"{100 * r['mfu']:.0f}% | {r['matmul_peak_gflops']:,.0f} |")
+    for amp, compiled in modes:  # per mode, the contenders alternate round by round
+        steps, flops = {}, {}
+        for name, build in builders.items():
+            step, n = make_step(build, amp, compiled, x, y)
+            for _ in range(1 if args.smoke else (3 if compiled else 1)):  # warm-up (compiles)
+                step()
+            steps[name], flops[name] = step, flops_per_token(n, cfg, T)
+
+        def timed(step):
+            return lambda: [step() for _ in range(args.steps)] and None
+
+        times = alternate({name: timed(step) for name, step in steps.items()}, args.rounds)
+        for name, ts in times.items():
+            tps = B * T * args.steps / median(ts)
+            rows.append({"contender": name, "dtype": amp, "compiled": compiled, "tokens_per_s": round(tps, 1),
+                         "mfu": round(tps * flops[name] / peaks[amp], 4), "flops_per_token": flops[name],
+                         "matmul_peak_gflops": round(peaks[amp] / 1e9, 1)})
+        ours = next(r for r in rows if r["contender"] == "storygpt" and r["dtype"] == amp and r["compiled"] == compiled)
+        for r in rows[-len(builders):]:
+            r["storygpt_speedup"] = round(ours["tokens_per_s"] / r["tokens_per_s"], 3)
+    result = header("train_throughput", preset=args.preset, batch_size=B, seq_len=T,
+                    params=Transformer(cfg).num_params(), rows=rows)
+    save(result, "train_throughput", args.smoke)
+    print(f"training step, preset {args.preset} shape, batch {B} x {T} tokens, {result['machine']}")
+    print(table(rows, {
+        "contender": lambda r: r["contender"], "dtype": lambda r: r["dtype"],
+        "compiled": lambda r: "yes" if r["compiled"] else "no", "tokens/s": lambda r: f"{r['tokens_per_s']:,.0f}",
+        "MFU": lambda r: f"{100 * r['mfu']:.0f}%", "storygpt is": lambda r: f"{r['storygpt_speedup']:.2f}x",
+    }))
 
 
 if __name__ == "__main__":

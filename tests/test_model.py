@@ -58,19 +58,19 @@ def test_initial_loss_is_uniform():
 def test_rope_matches_complex_reference():
     """Rotary embedding equals multiplying consecutive pairs by e^{i * pos * theta^(-2k/d)}."""
     torch.manual_seed(0)
-    B, H, T, D = 2, 3, 10, 16
-    x = torch.randn(B, H, T, D)
+    B, T, H, D = 2, 10, 3, 16
+    x = torch.randn(B, T, H, D)
     cos, sin = rope_tables(D, T, 10000.0)
     ours = apply_rope(x, cos, sin)
     freqs = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
     rot = torch.polar(torch.ones(T, D // 2), torch.outer(torch.arange(T).float(), freqs))
-    ref = torch.view_as_real(torch.view_as_complex(x.reshape(B, H, T, D // 2, 2)) * rot).flatten(-2)
+    ref = torch.view_as_real(torch.view_as_complex(x.reshape(B, T, H, D // 2, 2)) * rot[:, None]).flatten(-2)
     torch.testing.assert_close(ours, ref)
     # relative: q.k depends only on the distance between positions
     q, k = torch.randn(D), torch.randn(D)
     def dot(i, j):
-        qs = apply_rope(q.expand(1, 1, T, D).contiguous(), cos, sin)[0, 0, i]
-        ks = apply_rope(k.expand(1, 1, T, D).contiguous(), cos, sin)[0, 0, j]
+        qs = apply_rope(q.expand(1, T, 1, D).contiguous(), cos, sin)[0, i, 0]
+        ks = apply_rope(k.expand(1, T, 1, D).contiguous(), cos, sin)[0, j, 0]
         return (qs @ ks).item()
     assert dot(5, 3) == pytest.approx(dot(7, 5), rel=1e-5)
 

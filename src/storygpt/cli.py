@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.add_argument("--verbose", action="store_true", help="print speed on stderr")
     g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights' precision (auto: bf16 where the hardware has it, else fp32)")
     g.set_defaults(func=cmd_generate)
 
     a = sub.add_parser("app", help="the web app: type a prompt, watch a story being written")

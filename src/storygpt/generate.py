@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import default_model_path, load_model, trained_context
-from .device import DTYPES, pick_device, supports_dtype
+from .device import DTYPES, pick_device, pick_dtype, supports_dtype
 from .errors import StoryGPTError
 from .model import KVCache, Transformer
 from .tokenizer import Tokenizer
@@ -138,6 +138,7 @@ class StoryModel:
 
     def facts(self) -> dict:
         return {"path": self.path, "params": self.model.num_params(), "context": self.context,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "vocab_size": self.tokenizer.vocab_size, **{k: v for k, v in self.info.items() if k != "train"}}
 
     # --- decoding --------------------------------------------------------------------------
@@ -220,16 +221,20 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "fp32") -> StoryModel:
+def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto") -> StoryModel:
     """Load a model directory or run directory (default: the model shipped with storygpt).
 
-    dtype: fp32 (default), bf16 or fp16, where the device supports it.
+    dtype: "auto" (default) keeps the weights in bf16 where the hardware computes bf16 natively (a
+    decoded token reads every weight once, so half the bytes is up to twice the speed; held-out loss
+    moves in the 6th digit) and fp32 elsewhere; or fp32, bf16, fp16 where the device supports them.
     """
     if path is None:
         path = default_model_path()
     dev = pick_device(device)
+    if dtype == "auto":
+        dtype = pick_dtype(dev, "auto")
     if dtype not in DTYPES:
-        raise StoryGPTError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
+        raise StoryGPTError(f"dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
     if not supports_dtype(dev, dtype) and not (dev.type == "cpu" and dtype == "bf16"):
         raise StoryGPTError(f"{dtype} is not supported on {dev.type}")
     model, tokenizer, info = load_model(path, device=dev, dtype=DTYPES[dtype])

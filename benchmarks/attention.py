@@ -1,0 +1,111 @@
+"""Attention: PyTorch SDPA (FlashAttention-style kernel) vs naive attention, forward + backward.
+
+The naive path materialises the T x T score matrix (softmax(QK^T/sqrt(d) + mask) V, as storygpt's
+`naive_attention`); SDPA never does. For each sequence length: the median time of forward+backward
+(contenders alternating) and the peak memory each needs beyond its inputs, measured in a fresh
+process per case (peak RSS minus RSS once the inputs exist), causal, fp32, batch 4 x 4 heads x 64.
+
+    python benchmarks/attention.py [--lengths 512,2048] [--rounds 5] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import alternate, header, median, save, table
+from storygpt.model import naive_attention
+
+B, H, D = 4, 4, 64
+KINDS = ("sdpa", "naive")
+
+
+def attend(kind: str, q, k, v):
+    if kind == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return naive_attention(q, k, v)
+
+
+def inputs(T: int):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, T, D, generator=gen, requires_grad=True) for _ in range(3)]
+
+
+def fwd_bwd(kind: str, q, k, v, grad) -> None:
+    attend(kind, q, k, v).backward(grad)
+    for t in (q, k, v):
+        t.grad = None
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def peak_memory(kind: str, T: int) -> int:
+    """Bytes one forward+backward needs beyond its inputs: run once in a fresh process (a second run
+    in the same process would reuse the first one's freed memory and hide the peak)."""
+    q, k, v = inputs(T)
+    grad = torch.randn(B, H, T, D)
+    torch.empty(1).sum()  # start the thread pool before the baseline
+    base = rss_bytes()
+    fwd_bwd(kind, q, k, v, grad)
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
+
+
+def measured_in_fresh_process(kind: str, T: int) -> int:
+    out = subprocess.run([sys.executable, __file__, "--memory-of", kind, str(T)], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="512,2048")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--memory-of", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_of:
+        print(peak_memory(args.memory_of[0], int(args.memory_of[1])))
+        return
+    if args.smoke:
+        args.lengths, args.rounds = "64", 1
+
+    rows = []
+    for T in map(int, args.lengths.split(",")):
+        q, k, v = inputs(T)
+        grad = torch.randn(B, H, T, D)
+        torch.testing.assert_close(attend("sdpa", q, k, v), attend("naive", q, k, v), atol=1e-4, rtol=1e-4)
+        for kind in KINDS:
+            fwd_bwd(kind, q, k, v, grad)
+        times = alternate({kind: functools.partial(fwd_bwd, kind, q, k, v, grad) for kind in KINDS}, args.rounds)
+        memory = {kind: measured_in_fresh_process(kind, T) for kind in KINDS}
+        for kind in KINDS:
+            rows.append({"seq_len": T, "kind": kind, "fwd_bwd_ms": round(1000 * median(times[kind]), 2),
+                         "peak_memory_mb": round(memory[kind] / 2**20, 1)})
+        naive, sdpa = rows[-1], rows[-2]
+        sdpa["speedup_vs_naive"] = round(naive["fwd_bwd_ms"] / sdpa["fwd_bwd_ms"], 2)
+        sdpa["memory_vs_naive"] = round(sdpa["peak_memory_mb"] / max(naive["peak_memory_mb"], 1e-9), 3)
+    result = header("attention", batch=B, heads=H, head_dim=D, dtype="fp32", causal=True, rows=rows)
+    save(result, "attention", args.smoke)
+    print(f"causal attention, forward + backward, batch {B} x {H} heads x {D}, fp32, {result['machine']}")
+    print(table(rows, {
+        "T": lambda r: str(r["seq_len"]), "attention": lambda r: r["kind"],
+        "fwd+bwd": lambda r: f"{r['fwd_bwd_ms']:,.1f} ms", "peak memory": lambda r: f"{r['peak_memory_mb']:,.0f} MB",
+        "vs naive": lambda r: (f"{r['speedup_vs_naive']:.2f}x faster, {100 * r['memory_vs_naive']:.0f}% memory"
+                               if "speedup_vs_naive" in r else ""),
+    }))
+    if not args.smoke:
+        print(json.dumps({"note": "peak memory = peak RSS - RSS with inputs allocated, fresh process per case"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Data preparation throughput: `storygpt data prepare` with all cores vs one process, and its memory.
+
+Builds a ~100 MB TinyStories-format file (real stories from --source, reshuffled copies; a tiny
+built-in generator when the source is missing), then times `prepare` with 1 worker and with one per
+core (alternating when --rounds > 1) and records each run's peak memory (the largest resident size of
+the main process or any worker). A quarter-size input is also prepared to show memory does not grow
+with the input. Tokenizer: the shipped default model's.
+
+    python benchmarks/data_prep.py [--mb 100] [--source ../shared/data/tinystories/train.txt] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import header, median, save, table
+from storygpt.checkpoint import default_model_path
+from storygpt.data import iter_stories
+from storygpt.tokenizer import EOS_TEXT
+
+DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinystories" / "train.txt"
+
+
+def make_input(path: Path, megabytes: float, source: Path) -> int:
+    """Write about `megabytes` MB of stories to `path`; returns its size in bytes."""
+    if source.is_file():
+        stories = list(iter_stories([source]))
+    else:
+        rng = random.Random(0)
+        names, things = ["Lily", "Tom", "Mia", "Ben", "Sue"], ["ball", "cat", "kite", "cake", "tree"]
+        stories = [f"Once upon a time, {rng.choice(names)} had a {rng.choice(things)}. It was fun. The end."
+                   for _ in range(2000)]
+    rng, target, size = random.Random(0), int(megabytes * 1e6), 0
+    with open(path, "w", encoding="utf-8") as fh:
+        while size < target:
+            rng.shuffle(stories)
+            for s in stories:
+                record = f"{s}\n{EOS_TEXT}\n"
+                fh.write(record)
+                size += len(record.encode("utf-8"))
+                if size >= target:
+                    break
+    return path.stat().st_size
+
+
+def run_one(text: Path, out: Path, workers: int) -> dict:
+    """`prepare` in a fresh process: seconds and the peak memory of it and its workers."""
+    code = ("import json, resource, sys, time\n"
+            "from storygpt.data import prepare\n"
+            "t = time.perf_counter()\n"
+            f"prepare([{str(text)!r}], {str(default_model_path())!r}, {str(out)!r}, workers={workers}, progress=False)\n"
+            "self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "kids_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+            "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_kb': max(self_kb, kids_kb)}))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=100)
+    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        args.mb, args.rounds = 0.5, 1
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="storygpt-prep-bench-") as tmp:
+        tmp = Path(tmp)
+        full, quarter = tmp / "stories.txt", tmp / "quarter.txt"
+        size = make_input(full, args.mb, args.source)
+        qsize = make_input(quarter, args.mb / 4, args.source)
+        runs: dict[int, list[dict]] = {1: [], cores: []}
+        for r in range(args.rounds):
+            for workers in runs:
+                runs[workers].append(run_one(full, tmp / f"out-{workers}-{r}", workers))
+        small = run_one(quarter, tmp / "out-quarter", cores)
+
+    rows = []
+    for workers, rs in runs.items():
+        seconds = median([r["seconds"] for r in rs])
+        rows.append({"workers": workers, "input_mb": round(size / 1e6, 1), "seconds": round(seconds, 2),
+                     "mb_per_s": round(size / 1e6 / seconds, 2), "peak_memory_mb": round(max(r["peak_kb"] for r in rs) / 1024, 1)})
+    rows[-1]["speedup_vs_one_process"] = round(rows[0]["seconds"] / rows[-1]["seconds"], 2)
+    rows.append({"workers": cores, "input_mb": round(qsize / 1e6, 1), "seconds": round(small["seconds"], 2),
+                 "mb_per_s": round(qsize / 1e6 / small["seconds"], 2), "peak_memory_mb": round(small["peak_kb"] / 1024, 1)})
+    result = header("data_prep", cores=cores, tokenizer="default model (4K unigram)", rows=rows)
+    save(result, "data_prep", args.smoke)
+    print(f"storygpt data prepare, {result['machine']}")
+    print(table(rows, {
+        "input": lambda r: f"{r['input_mb']:,.1f} MB", "processes": lambda r: str(r["workers"]),
+        "time": lambda r: f"{r['seconds']:.1f} s", "MB/s": lambda r: f"{r['mb_per_s']:.2f}",
+        "peak memory": lambda r: f"{r['peak_memory_mb']:,.0f} MB",
+        "vs one process": lambda r: f"{r['speedup_vs_one_process']:.2f}x" if "speedup_vs_one_process" in r else "",
+    }))
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
