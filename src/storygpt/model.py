@@ -132,10 +132,13 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int | torch.Tensor = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim) at positions start..start+T-1. With a cache (this layer's preallocated
         key/value buffers), the new keys/values are written at those positions and the queries
-        attend to everything up to them."""
+        attend to everything up to them. With a `mask` (compiled decoding, see
+        `Transformer.decode_step`), `start` is a 1-element tensor and the queries attend to the whole
+        buffer with the unwritten positions masked: the same shapes at every step."""
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
@@ -143,7 +146,10 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
+        if cache is not None and mask is not None:
+            k_buf, v_buf = cache
+            k, v = k_buf.index_copy_(2, start, k), v_buf.index_copy_(2, start, v)
+        elif cache is not None:
             k_buf, v_buf = cache
             k_buf[:, :, start:start + T] = k
             v_buf[:, :, start:start + T] = v
@@ -152,7 +158,9 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.dropout if self.training else 0.0
-        if self.cfg.attention == "sdpa":
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.cfg.attention == "sdpa":
             S = k.size(-2)
             if T == S:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -212,8 +220,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope, cache=None, start: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, start))
+    def forward(self, x: torch.Tensor, rope, cache=None, start: int | torch.Tensor = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, start, mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -289,6 +298,22 @@ class Transformer(nn.Module):
         logits = self.output(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, 1, vocab) for one new token per row at position `pos` (a 1-element long tensor),
+        with a cache of any fill level: every shape is the same at every step, so
+        `torch.compile(model.decode_step)` compiles once and runs each token as one fused graph instead
+        of ~250 small kernels launched from Python. The caller advances `cache.pos`."""
+        x = self.tok_emb(idx)
+        rope = None
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_emb(pos)
+        else:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
+        mask = (torch.arange(cache.k[0].size(2), device=idx.device) <= pos)[None]  # (1 query, S keys)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, (cache.k[i], cache.v[i]), pos, mask)
+        return self.output(self.norm(x))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * N (non-embedding matmuls + output) plus attention scores."""
