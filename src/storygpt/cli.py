@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import StoryGPTError
@@ -46,11 +47,13 @@ def cmd_train(args) -> None:
         raise StoryGPTError("train: give --out RUN (or --resume RUN)")
     if args.resume is not None and args.out is not None and args.out != args.resume:
         raise StoryGPTError("train: --out and --resume name different runs")
+    overrides = args.set + ([f"train.strategy={args.strategy}"] if args.strategy else [])
     summary = train(args.data, args.resume or args.out, preset=args.preset, config_file=args.config,
-                    overrides=args.set, resume=args.resume is not None, max_steps=args.max_steps,
+                    overrides=overrides, resume=args.resume is not None, max_steps=args.max_steps,
                     max_time=args.max_time, compile=args.compile,
                     dtype="fp32" if args.fp32 else None, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns; one prints
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_eval(args) -> None:
@@ -154,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the model (default: the preset's choice; small compiles)")
     tr.add_argument("--fp32", action="store_true", help="no autocast: compute in fp32")
+    tr.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
+                    help="under torchrun: DDP (replicated weights) or FSDP2 (sharded weights and optimizer state); "
+                         "default: the config's (ddp)")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
 
