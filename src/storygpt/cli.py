@@ -40,6 +40,14 @@ def cmd_data_prepare(args) -> None:
     print(f"-> {args.out}")
 
 
+def cmd_data_download(args) -> None:
+    from .download import describe, download_tinystories
+
+    placed = download_tinystories(args.out, version=args.version, split=args.split, revision=args.revision,
+                                  progress=not args.quiet)
+    print(describe(placed, args.out))
+
+
 def cmd_train(args) -> None:
     from .train import train
 
@@ -144,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_data_prepare)
+    dl = data.add_parser("download", help="download TinyStories from the Hugging Face Hub (cached, verified)")
+    dl.add_argument("dataset", choices=["tinystories"])
+    dl.add_argument("--version", choices=["v1", "v2", "json"], default="v1",
+                    help="v1: the original .txt release; v2: GPT-4 stories only; json: the all-data archive")
+    dl.add_argument("--split", choices=["train", "validation", "all"], default="all")
+    dl.add_argument("--out", required=True)
+    dl.add_argument("--revision", default="main", help="branch, tag or commit of the dataset repository")
+    dl.add_argument("--quiet", action="store_true")
+    dl.set_defaults(func=cmd_data_download)
 
     tr = sub.add_parser("train", help="train a model (or resume a run)")
     tr.add_argument("--data", help="prepared data directory (default on --resume: the run's)")
