@@ -5,6 +5,8 @@ Run directory (what `storygpt train --out RUN` writes):
     RUN/tokenizer/         the tokenizer of the data
     RUN/ckpt_latest.pt     weights + optimizer + step + RNG states (written atomically)
     RUN/ckpt_best.pt       the same, at the best validation loss so far
+    RUN/ckpt_*.dcp-*/      FSDP runs: the weights and optimizer state sharded by torch.distributed.checkpoint;
+                           ckpt_*.pt then holds everything else and the folder's name ("dcp")
     RUN/log.jsonl, log.csv, loss.png
     RUN/model/             the exported best model (a model directory)
 
@@ -69,9 +71,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise StoryGPTError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+    if not isinstance(state, dict) or not ("model" in state or "dcp" in state) or "step" not in state:
         raise StoryGPTError(f"{path}: not a storygpt checkpoint")
+    if "dcp" in state and not (path.parent / state["dcp"] / ".metadata").is_file():
+        raise StoryGPTError(f"{path}: its sharded weights ({state['dcp']}/) are missing or incomplete")
     return state
+
+
+def checkpoint_weights(path: str | os.PathLike, ckpt: dict, cfg: ModelConfig) -> dict:
+    """A checkpoint's full model state dict: stored in it, or read whole from its sharded folder (FSDP runs).
+
+    Reading a sharded folder needs no process group, so any single process can do it (export, eval).
+    """
+    if "model" in ckpt:
+        return ckpt["model"]
+    from .distributed import load_sharded
+
+    model = Transformer(cfg)
+    load_sharded(Path(path).parent / ckpt["dcp"], model, None, collective=False)
+    return model.state_dict()
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,9 +179,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         info = meta.get("storygpt", {})
         tokenizer = Tokenizer.load(path)
     else:
-        ckpt = load_checkpoint(path / (BEST if (path / BEST).is_file() else LATEST))
+        ckpt_path = path / (BEST if (path / BEST).is_file() else LATEST)
+        ckpt = load_checkpoint(ckpt_path)
         cfg = ModelConfig.from_dict(ckpt["config"]["model"])
-        state = ckpt["model"]
+        state = checkpoint_weights(ckpt_path, ckpt, cfg)
         info = {"step": ckpt["step"], "val_loss": ckpt.get("best_val_loss"), "train": ckpt["config"]["train"]}
         tokenizer = Tokenizer.load(path / "tokenizer")
     if tokenizer.vocab_size != cfg.vocab_size:

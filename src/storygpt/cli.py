@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import StoryGPTError
@@ -39,6 +40,14 @@ def cmd_data_prepare(args) -> None:
     print(f"-> {args.out}")
 
 
+def cmd_data_download(args) -> None:
+    from .download import describe, download_tinystories
+
+    placed = download_tinystories(args.out, version=args.version, split=args.split, revision=args.revision,
+                                  progress=not args.quiet)
+    print(describe(placed, args.out))
+
+
 def cmd_train(args) -> None:
     from .train import train
 
@@ -46,11 +55,13 @@ def cmd_train(args) -> None:
         raise StoryGPTError("train: give --out RUN (or --resume RUN)")
     if args.resume is not None and args.out is not None and args.out != args.resume:
         raise StoryGPTError("train: --out and --resume name different runs")
+    overrides = args.set + ([f"train.strategy={args.strategy}"] if args.strategy else [])
     summary = train(args.data, args.resume or args.out, preset=args.preset, config_file=args.config,
-                    overrides=args.set, resume=args.resume is not None, max_steps=args.max_steps,
+                    overrides=overrides, resume=args.resume is not None, max_steps=args.max_steps,
                     max_time=args.max_time, compile=args.compile,
                     dtype="fp32" if args.fp32 else None, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns; one prints
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_eval(args) -> None:
@@ -156,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_data_prepare)
+    dl = data.add_parser("download", help="download TinyStories from the Hugging Face Hub (cached, verified)")
+    dl.add_argument("dataset", choices=["tinystories"])
+    dl.add_argument("--version", choices=["v1", "v2", "json"], default="v1",
+                    help="v1: the original .txt release; v2: GPT-4 stories only; json: the all-data archive")
+    dl.add_argument("--split", choices=["train", "validation", "all"], default="all")
+    dl.add_argument("--out", required=True)
+    dl.add_argument("--revision", default="main", help="branch, tag or commit of the dataset repository")
+    dl.add_argument("--quiet", action="store_true")
+    dl.set_defaults(func=cmd_data_download)
 
     tr = sub.add_parser("train", help="train a model (or resume a run)")
     tr.add_argument("--data", help="prepared data directory (default on --resume: the run's)")
@@ -169,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the model (default: the preset's choice; small compiles)")
     tr.add_argument("--fp32", action="store_true", help="no autocast: compute in fp32")
+    tr.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
+                    help="under torchrun: DDP (replicated weights) or FSDP2 (sharded weights and optimizer state); "
+                         "default: the config's (ddp)")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
 

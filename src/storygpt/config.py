@@ -22,7 +22,7 @@ from .model import ModelConfig
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32            # sequences per micro-batch
+    batch_size: int = 32            # sequences per micro-batch, per process (global batch: x grad_accum x ranks)
     seq_len: int = 256              # tokens per sequence (<= model.max_seq_len)
     grad_accum_steps: int = 1       # micro-batches per optimizer step
     max_steps: int = 5000           # optimizer steps; the cosine schedule ends here
@@ -42,6 +42,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     seed: int = 1337
+    strategy: str = "ddp"           # ddp | fsdp: data parallelism under torchrun (FSDP2 shards weights + optimizer)
 
     def validate(self) -> None:
         for name in ("batch_size", "seq_len", "grad_accum_steps", "max_steps", "eval_interval",
@@ -56,6 +57,8 @@ class TrainConfig:
             raise StoryGPTError("train.warmup_steps, weight_decay and grad_clip must be >= 0")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise StoryGPTError(f"train.dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise StoryGPTError(f"train.strategy must be ddp or fsdp, got {self.strategy!r}")
 
 
 # Training defaults per preset (the model shape comes from model.PRESETS).

@@ -356,7 +356,10 @@ class TokenData:
 
     `batch(step)` samples random windows; it is a pure function of (seed, step, rank), which is what
     makes resumed training see exactly the batches it would have seen. With several ranks each rank
-    samples from its own subset of the shards (all shards when there are fewer shards than ranks).
+    samples from its own subset of the shards. When there are fewer shards than ranks, all ranks share
+    all shards: then they draw one global batch of batch_size x world_size windows from one stream and
+    each rank reads its own slice of it, so N ranks train on exactly the windows that one process
+    with an N times larger batch would (the distributed tests compare loss curves this way).
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str = "train", rank: int = 0, world_size: int = 1):
@@ -365,7 +368,8 @@ class TokenData:
         if not info or not info["shards"]:
             raise StoryGPTError(f"{data_dir}: the {split} split is empty (prepare with a larger --val-fraction?)")
         shards = info["shards"]
-        if len(shards) >= world_size > 1:
+        own_shards = len(shards) >= world_size > 1
+        if own_shards:
             shards = shards[rank::world_size]
         dtype = np.dtype(self.meta["dtype"])
         self.shards = []
@@ -375,6 +379,8 @@ class TokenData:
                 raise StoryGPTError(f"{path}: shard missing or truncated")
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
         self.rank = rank
+        # (random stream, ranks drawing from it): a rank's own stream, or one stream shared by all ranks
+        self.stream, self.sharing = (rank, 1) if own_shards else (0, world_size)
         self.tokens = sum(len(s) for s in self.shards)
         self.bytes = info["bytes"]
 
@@ -383,10 +389,13 @@ class TokenData:
         sizes = np.array([len(s) - seq_len - 1 for s in self.shards])
         if sizes.max() < 0:
             raise StoryGPTError(f"seq_len {seq_len} is longer than the data ({self.tokens} tokens)")
-        rng = np.random.default_rng([seed, step, self.rank])
+        rng = np.random.default_rng([seed, step, self.stream])
         weights = np.clip(sizes, 0, None) + 1e-9
-        which = rng.choice(len(self.shards), size=batch_size, p=weights / weights.sum())
+        which = rng.choice(len(self.shards), size=batch_size * self.sharing, p=weights / weights.sum())
         offsets = rng.integers(0, np.clip(sizes[which], 0, None) + 1)
+        if self.sharing > 1:  # this rank's slice of the global batch
+            mine = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+            which, offsets = which[mine], offsets[mine]
         rows = np.stack([self.shards[w][o:o + seq_len + 1] for w, o in zip(which, offsets)]).astype(np.int64)
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
