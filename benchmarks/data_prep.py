@@ -29,9 +29,9 @@ from storygpt.tokenizer import EOS_TEXT
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinystories" / "train.txt"
 
 
-def make_input(path: Path, megabytes: float, source: Path) -> int:
+def make_input(path: Path, megabytes: float, source: Path | None) -> int:
     """Write about `megabytes` MB of stories to `path`; returns its size in bytes."""
-    if source.is_file():
+    if source is not None and source.is_file():
         stories = list(iter_stories([source]))
     else:
         rng = random.Random(0)
@@ -71,8 +71,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
-    if args.smoke:
-        args.mb, args.rounds = 0.5, 1
+    if args.smoke:  # generated stories only: the smoke test must not read ../shared
+        args.mb, args.rounds, args.source = 0.5, 1, None
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="storygpt-prep-bench-") as tmp:
         tmp = Path(tmp)

@@ -11,7 +11,7 @@ def test_train_throughput_smoke():
     out = subprocess.run([sys.executable, BENCHMARKS / "train_throughput.py", "--smoke"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "| fp32 | no |" in out.stdout
+    assert "| storygpt | fp32 | no |" in out.stdout and "| transformers | fp32 | no |" in out.stdout
 
 
 def test_decode_smoke(tiny_run):
@@ -19,3 +19,17 @@ def test_decode_smoke(tiny_run):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "| 1 |" in out.stdout and "| 8 |" in out.stdout
+
+
+def test_attention_smoke():
+    out = subprocess.run([sys.executable, BENCHMARKS / "attention.py", "--smoke"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| 64 | sdpa |" in out.stdout and "| 64 | naive |" in out.stdout
+
+
+def test_data_prep_smoke():
+    out = subprocess.run([sys.executable, BENCHMARKS / "data_prep.py", "--smoke"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| 0.5 MB | 1 |" in out.stdout and "MB/s" in out.stdout
