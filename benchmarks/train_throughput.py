@@ -66,6 +66,7 @@ def transformers_model(cfg: ModelConfig, lr: float):
 def nanogpt_model(cfg: ModelConfig, lr: float, checkout: Path):
     spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["nanogpt_model"] = mod  # torch.compile looks modules up by name
     spec.loader.exec_module(mod)
     gcfg = mod.GPTConfig(block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layers,
                          n_head=cfg.n_heads, n_embd=cfg.dim, dropout=0.0, bias=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
+import sys
 
 import torch
 
@@ -76,6 +78,16 @@ def autocast(device: torch.device, dtype: str):
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def maybe_compile(fn, device: torch.device, **options):
+    """torch.compile(fn, **options), or fn itself where the compiler's toolchain is missing (on CPU,
+    inductor needs a C++ compiler), with a warning."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        print("storygpt: warning: torch.compile needs a C++ compiler on CPU and none was found; running eagerly",
+              file=sys.stderr)
+        return fn
+    return torch.compile(fn, **options)
 
 
 def machine_description() -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import default_model_path, load_model, trained_context
-from .device import DTYPES, pick_device, pick_dtype, supports_dtype
+from .device import DTYPES, maybe_compile, pick_device, pick_dtype, supports_dtype
 from .errors import StoryGPTError
 from .model import KVCache, Transformer
 from .tokenizer import Tokenizer
@@ -107,7 +107,7 @@ class StoryModel:
         self.context = trained_context(model.cfg, self.info)
         self.last_stats: dict = {}
         # one compiled graph per token (see Transformer.decode_step); compiles on first use, per batch size
-        self.decode_step = torch.compile(model.decode_step, dynamic=False) if compile else None
+        self.decode_step = maybe_compile(model.decode_step, self.device, dynamic=False) if compile else None
 
     # --- public API ------------------------------------------------------------------------
     def generate(self, prompt: str = "", num_samples: int | None = None, **options) -> str | list[str]:

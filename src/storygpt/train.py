@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -26,7 +25,7 @@ from . import distributed
 from .checkpoint import BEST, LATEST, checkpoint_weights, load_checkpoint, save_checkpoint, save_model_dir
 from .config import RunConfig, apply_overrides, build_config
 from .data import TokenData, read_meta
-from .device import autocast, pick_device, pick_dtype
+from .device import autocast, maybe_compile, pick_device, pick_dtype
 from .distributed import Dist
 from .errors import StoryGPTError
 from .model import Transformer
@@ -54,14 +53,6 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.o
 
 def warn(msg: str) -> None:
     print(f"storygpt: warning: {msg}", file=sys.stderr)
-
-
-def maybe_compile(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """torch.compile(model), or the model itself where the compiler's toolchain is missing."""
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        warn("torch.compile needs a C++ compiler on CPU and none was found; training without it")
-        return model
-    return torch.compile(model)
 
 
 def rng_state() -> dict:
