@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import StoryGPTError
@@ -94,6 +95,14 @@ def cmd_generate(args) -> None:
         st = model.last_stats
         print(f"{st['new_tokens']} tokens in {st['seconds']:.2f} s: {st['tokens_per_s']:.1f} tokens/s, "
               f"first token after {1000 * st['time_to_first_token_s']:.0f} ms", file=sys.stderr)
+
+
+def cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("STORYGPT_API_KEY"),
+          max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
+          log_level=args.log_level)
 
 
 def cmd_export(args) -> None:
@@ -187,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not")
+    s.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
+                   help="model or run directory, repeatable; named after its folder (default: the shipped model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $STORYGPT_API_KEY)")
+    s.add_argument("--max-concurrency", type=int, default=None, help="generations at once (default: CPU cores, <= 8)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="write a model directory (e.g. fp16) from a run or model directory")
     x.add_argument("--model", required=True)
