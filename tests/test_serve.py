@@ -12,10 +12,14 @@ import time
 import httpx
 import openai
 import pytest
+import schemathesis
 import torch
 import uvicorn
 from conftest import run_cli
+from hypothesis import HealthCheck, given, settings
 from openai import AsyncOpenAI, OpenAI
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 import storygpt
 from storygpt.errors import StoryGPTError
@@ -222,7 +226,6 @@ MALFORMED = [
     ("/v1/completions", '{"stream": "yes"}', 400),
     ("/v1/completions", '{"presence_penalty": 0.5}', 400),
     ("/v1/completions", '{"logprobs": 3}', 400),
-    ("/v1/completions", '{"prompt": "\\ud800"}', 400),
     ("/v1/completions", json.dumps({"prompt": "x" * 40_000}), 400),
     ("/v1/completions", json.dumps({"prompt": "Tom had a ball. " * 30}), 400),  # longer than the context
     ("/v1/completions", '{"model": "../../etc/passwd"}', 404),
@@ -250,6 +253,13 @@ def test_malformed_requests(http, path, body, status):
     assert http.get("/health").json()["status"] == "ok"
 
 
+def test_half_surrogate_pairs_become_replacement_characters(http):
+    """JSON can carry half a UTF-16 pair, which is no text; it is read as U+FFFD instead of failing."""
+    body = '{"prompt": "Tom \\ud800", "max_tokens": 3, "echo": true, "stop": ["\\udc00"]}'
+    r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("Tom \ufffd")
+
+
 def test_prompt_longer_than_context_is_refused(http, tiny):
     prompt = "Tom had a red ball. " * 20
     assert tiny.count_tokens(prompt) >= tiny.context
@@ -270,6 +280,42 @@ def test_openapi_schema(http):
     assert {"max_tokens", "temperature", "top_p", "n", "seed", "stop", "top_k", "repetition_penalty"} <= set(fields)
     max_tokens = next(x for x in fields["max_tokens"]["anyOf"] if x["type"] == "integer")
     assert (max_tokens["minimum"], max_tokens["maximum"]) == (1, 4096)
+
+
+# --------------------------------------------------------------------------------------------
+# The schema against the server: schemathesis
+# --------------------------------------------------------------------------------------------
+POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
+FUZZED = [("POST", "/v1/completions", POSITIVE), ("POST", "/v1/completions", NEGATIVE),
+          ("POST", "/v1/chat/completions", POSITIVE), ("POST", "/v1/chat/completions", NEGATIVE),
+          ("GET", "/v1/models/{model}", POSITIVE), ("GET", "/v1/models/{model}", NEGATIVE),
+          ("GET", "/v1/models", POSITIVE), ("GET", "/health", POSITIVE)]  # no parameters: nothing invalid to send
+# what the schema does not say: a prompt must fit the model's context in tokens, n x prompts <= 16, and the
+# model names (the path of GET /v1/models/{model}; request bodies get a real one below)
+SEMANTIC = {(400, "context_length_exceeded"), (400, "too_many_choices"), (404, "model_not_found")}
+
+
+@pytest.mark.parametrize(("method", "path", "mode"), FUZZED, ids=[f"{m} {p} {g.value}" for m, p, g in FUZZED])
+def test_schemathesis(server, method, path, mode):
+    """Seeded, bounded runs of schemathesis' checks (no 5xx; status codes, content types, headers and bodies as
+    documented, streamed events too; invalid requests refused) over requests made from /openapi.json. Valid
+    requests must succeed, unless they break one of the rules the schema does not express (then with that code)."""
+    operation = schemathesis.openapi.from_url(f"{server}/openapi.json")[path][method]
+
+    @given(operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=25, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        if isinstance(case.body, dict) and mode == POSITIVE:
+            case.body |= {"model": "tiny"} if "model" in case.body else {}  # the schema allows any name
+            for key, cap in (("max_tokens", 4), ("max_completion_tokens", 4), ("n", 2)):  # keep it fast
+                if isinstance(case.body.get(key), int | float) and not isinstance(case.body[key], bool):
+                    case.body[key] = min(case.body[key], cap)
+        response = case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"},
+                                          excluded_checks=[positive_data_acceptance])
+        if mode == POSITIVE and response.status_code != 200:
+            assert (response.status_code, response.json()["error"]["code"]) in SEMANTIC, response.text
+
+    check()
 
 
 # --------------------------------------------------------------------------------------------

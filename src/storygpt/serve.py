@@ -42,7 +42,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import StoryGPTError
@@ -54,6 +54,7 @@ MAX_STOP = 4                 # as OpenAI
 MAX_STOP_CHARS = 128
 MAX_MESSAGES = 256
 MAX_BODY_BYTES = 1_000_000
+MAX_SEED = 2**53             # the integers that every JSON parser holds exactly
 DEFAULT_MODEL_NAME = "storygpt-default"
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25
@@ -65,8 +66,35 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # --------------------------------------------------------------------------------------------
 # Request and response bodies (the OpenAPI schema is generated from these)
 # --------------------------------------------------------------------------------------------
+def _whole_number(value: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer, and some clients send whole numbers that way."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogates(data: Any, depth: int = 0) -> Any:
+    """JSON may escape half a UTF-16 pair ("\\ud800"), which no UTF-8 text can hold; in the strings of the body
+    it becomes U+FFFD, as undecodable bytes would. Text sits at most 5 levels deep (messages.0.content.0.text);
+    deeper data is left for validation to refuse (or for unknown fields, to ignore)."""
+    if isinstance(data, str):
+        return LONE_SURROGATE.sub("\ufffd", data)
+    if depth < 5 and isinstance(data, list):
+        return [_no_lone_surrogates(x, depth + 1) for x in data]
+    if depth < 5 and isinstance(data, dict):
+        return {_no_lone_surrogates(k): _no_lone_surrogates(v, depth + 1) for k, v in data.items()}
+    return data
+
+
+def Integer(low: int, high: int) -> Any:
+    """An integer in [low, high]; a whole float such as 3.0 counts, as in JSON Schema."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_whole_number)]
+
+
 Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+HAS_USER_MESSAGE = {"contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}}
 
 
 class StreamOptions(BaseModel):
@@ -79,16 +107,16 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
     model: str | None = Field(None, max_length=256, description="a name from GET /v1/models (default: the first)")
-    max_tokens: int | None = Field(256, ge=1, le=MAX_NEW_TOKENS, description="new tokens per story at most")
+    max_tokens: Integer(1, MAX_NEW_TOKENS) | None = Field(256, description="new tokens per story at most")
     temperature: float | None = Field(0.8, ge=0, le=10, description="0 = greedy")
     top_p: float | None = Field(0.95, gt=0, le=1, description="nucleus sampling; 1 = off")
-    n: int | None = Field(1, ge=1, le=MAX_N, description="stories per prompt, decoded together as one batch")
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="same seed and request, same stories")
+    n: Integer(1, MAX_N) | None = Field(1, description="stories per prompt, decoded together as one batch")
+    seed: Integer(-MAX_SEED, MAX_SEED) | None = Field(None, description="same seed and request, same stories")
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
         None, description="strings that end a story (not included in the text)")
     stream: bool | None = Field(False, description="send Server-Sent Events (`data: {chunk}` ... `data: [DONE]`)")
     stream_options: StreamOptions | None = None
-    top_k: int | None = Field(0, ge=-1, le=1_000_000, description="extension: keep the k most likely tokens; 0 or "
+    top_k: Integer(-1, 1_000_000) | None = Field(0, description="extension: keep the k most likely tokens; 0 or "
                                                                     "-1 = off")
     repetition_penalty: float | None = Field(1.0, gt=0, le=10, description="extension: CTRL-style; 1 = off")
     presence_penalty: float | None = Field(0, ge=0, le=0, description="not supported: only 0")
@@ -96,36 +124,40 @@ class SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: only empty")
     user: str | None = Field(None, max_length=256, description="accepted and ignored")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        return _no_lone_surrogates(data)
+
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_N)] = Field(
         "", description="the beginning of the story (empty: start from scratch); a list gives n stories for each")
     echo: bool | None = Field(False, description="put the prompt before each story")
-    logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
-    best_of: int | None = Field(None, ge=1, le=1, description="not supported: only 1")
+    logprobs: Integer(0, 0) | None = Field(None, description="not supported")
+    best_of: Integer(1, 1) | None = Field(None, description="not supported: only 1")
     suffix: str | None = Field(None, max_length=0, description="not supported")
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True)
     type: Literal["text"]
-    text: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+    text: Prompt
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: (Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
-              | Annotated[list[TextPart], Field(max_length=64)] | None) = None
+    content: Prompt | Annotated[list[TextPart], Field(max_length=64)] | None = None
     name: str | None = Field(None, max_length=256)
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, json_schema_extra=HAS_USER_MESSAGE,
                                         description="the content of the last `user` message is the story prompt")
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="replaces max_tokens")
+    max_completion_tokens: Integer(1, MAX_NEW_TOKENS) | None = Field(None, description="replaces max_tokens")
     logprobs: bool | None = Field(None, description="not supported: only false")
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
+    top_logprobs: Integer(0, 0) | None = Field(None, description="not supported")
 
 
 class Usage(BaseModel):
@@ -169,6 +201,43 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
@@ -576,12 +645,7 @@ def _sampling_options(body: SamplingRequest, max_tokens: int) -> dict:
 
 
 def _check_prompt(model: StoryModel, prompt: str, param: str) -> None:
-    """Reject what generation would silently change: text that is not UTF-8, or a prompt that does not fit the
-    context (decoding would keep only its last tokens)."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, "the prompt is not valid UTF-8 text", param=param) from None
+    """Reject a prompt that does not fit the context: decoding would silently keep only its last tokens."""
     tokens = model.count_tokens(prompt)
     if tokens >= model.context:
         raise APIError(400, f"the prompt has {tokens} tokens; this model's context is {model.context} tokens, so "
@@ -645,8 +709,17 @@ def _pick_model(models: Mapping[str, StoryModel], name: str | None) -> tuple[str
 ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in [
     (400, "invalid request: a wrong type or value, invalid JSON, a prompt longer than the context"),
     (404, "unknown model"), (413, "body too large"), (503, "queue full: retry after `Retry-After` seconds")]}
-STREAM_DOC = {"text/event-stream": {"schema": {"type": "string"},
-                                    "description": "with `stream: true`: OpenAI chunks, then `data: [DONE]`"}}
+
+
+def _stream_doc(chunk: type[BaseModel]) -> dict:
+    """The 200 response with `stream: true`, one Server-Sent Event at a time (as schemathesis reads it, and as
+    OpenAPI 3.2's itemSchema puts it): `data` is a JSON chunk, an error after the stream began, or [DONE]."""
+    chunk_or_error = {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                                {"$ref": "#/components/schemas/ErrorBody"}]}
+    data = {"anyOf": [{"const": "[DONE]"},
+                      {"type": "string", "contentMediaType": "application/json", "contentSchema": chunk_or_error}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {200: {"content": {"text/event-stream": {"schema": event}}}}
 
 
 def default_concurrency() -> int:
@@ -692,14 +765,14 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
         return _card(_pick_model(models, model)[0], created)
 
     @app.post("/v1/completions", response_model=Completion, dependencies=guard, tags=["openai"],
-              responses={200: {"content": STREAM_DOC}, **auth_errors, **ERRORS})
+              responses={**_stream_doc(CompletionChunk), **auth_errors, **ERRORS})
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Continue `prompt` as a story; `text` holds the new text only (with `echo`, the prompt first)."""
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         return await _complete(request, body, prompts, "prompt", chat=False, echo=bool(body.echo))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=guard, tags=["openai"],
-              responses={200: {"content": STREAM_DOC}, **auth_errors, **ERRORS})
+              responses={**_stream_doc(ChatCompletionChunk), **auth_errors, **ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """The last user message is the story prompt (other messages are ignored); the reply continues it."""
         return await _complete(request, body, [_chat_prompt(body.messages)], "messages", chat=True, echo=False)
@@ -709,7 +782,8 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
         name, model = _pick_model(models, body.model)
         n = _value(body, "n")
         if len(prompts) * n > MAX_N:
-            raise APIError(400, f"n x prompts must be at most {MAX_N}, got {n} x {len(prompts)}", param="n")
+            raise APIError(400, f"n x prompts must be at most {MAX_N}, got {n} x {len(prompts)}", param="n",
+                           code="too_many_choices")
         max_tokens = getattr(body, "max_completion_tokens", None) or _value(body, "max_tokens")
         options = _sampling_options(body, max_tokens)
         for prompt in prompts:
@@ -729,7 +803,7 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
         return {**_header(chat, name), "usage": result.usage,
                 "choices": [_choice(chat, i, t, r) for i, (t, r) in enumerate(zip(result.texts, result.reasons))]}
 
-    app.openapi = _openapi_without_422(app)
+    app.openapi = _openapi_schema(app)
     return app
 
 
@@ -758,8 +832,9 @@ def _bearer_check(api_key: str) -> Callable:
     return check
 
 
-def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
-    """FastAPI documents validation errors as 422; this server answers them with 400 (as OpenAI does)."""
+def _openapi_schema(app: FastAPI) -> Callable[[], dict]:
+    """FastAPI's schema, plus the streamed chunks, minus the 422s it documents for validation errors (this server
+    answers them with 400, as OpenAI does)."""
     default = app.openapi
 
     def openapi() -> dict:
@@ -768,8 +843,13 @@ def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.pop(name, None)
+            for chunk in (CompletionChunk, ChatCompletionChunk):
+                definition = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(definition.pop("$defs", {}))
+                components[chunk.__name__] = definition
             app.openapi_schema = schema
         return app.openapi_schema
 
