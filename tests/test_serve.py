@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 import storygpt
 from storygpt.errors import StoryGPTError
 from storygpt.generate import StoryModel
-from storygpt.serve import create_app, listen, load_models
+from storygpt.serve import create_app, is_loopback, listen, load_models
 
 KEY = "sk-test-key"
 
@@ -411,6 +411,11 @@ def test_model_names(tiny_run):
         load_models([str(tiny_run), str(tiny_run)])
     with pytest.raises(StoryGPTError, match="model name"):
         create_app({"bad/name": models["other"]})
+
+
+def test_loopback_addresses():
+    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.com"]))
 
 
 def test_cli_serve_refuses_bad_input(tmp_path, tiny_run, capsys):
