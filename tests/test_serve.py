@@ -428,5 +428,7 @@ def test_cli_serve_refuses_bad_input(tmp_path, tiny_run, capsys):
         assert code == 2 and "cannot listen" in err and len(err.strip().splitlines()) == 1
         code, _, err = run_cli(["serve", "--model", tiny_run, "--port", port, "--max-concurrency", 0], capsys)
         assert code == 2 and "max_concurrency" in err
+        code, _, err = run_cli(["serve", "--model", tiny_run, "--port", 70000], capsys)
+        assert code == 2 and "--port" in err
     finally:
         busy.close()

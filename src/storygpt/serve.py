@@ -871,6 +871,8 @@ def is_loopback(host: str) -> bool:
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound before the server starts: a port in use is one clear error, and port 0 gets a
     free port whose number can be printed."""
+    if not 0 <= port <= 65535:
+        raise StoryGPTError(f"--port must be in [0, 65535], got {port}")
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
