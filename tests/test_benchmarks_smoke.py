@@ -33,3 +33,11 @@ def test_data_prep_smoke():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "| 0.5 MB | 1 |" in out.stdout and "MB/s" in out.stdout
+
+
+def test_serve_load_smoke():
+    """`storygpt serve` with the shipped model answers the openai client, 8 streams at once."""
+    out = subprocess.run([sys.executable, BENCHMARKS / "serve_load.py", "--smoke"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| 8 | 8 | 8 |" in out.stdout and out.stdout.strip().endswith("| 0 |")

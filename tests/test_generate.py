@@ -128,6 +128,18 @@ def test_bad_options(tiny_run):
         model.generate("", num_samples=0)
 
 
+def test_extreme_valid_options_do_not_break_sampling(tiny_run):
+    """Values inside the valid ranges but at their far ends (found by fuzzing the HTTP API) once gave nan
+    probabilities: a tiny temperature or repetition penalty overflowed to inf, a tiny top_p rounded to 0."""
+    model = storygpt.load(tiny_run)
+    greedy = model.generate("Tom", temperature=0, max_new_tokens=20)
+    assert model.generate("Tom", temperature=1e-30, seed=0, max_new_tokens=20) == greedy
+    assert model.generate("Tom", temperature=2e-253, seed=0, max_new_tokens=20) == greedy
+    assert model.generate("Tom", top_p=2e-253, seed=0, max_new_tokens=20) == greedy
+    for options in ({"repetition_penalty": 1e-300}, {"repetition_penalty": 10, "temperature": 10}):
+        assert model.generate("Tom", seed=0, max_new_tokens=20, **options).startswith("Tom")
+
+
 def test_cli_generate(tiny_run, capsys):
     code, out, err = run_cli(["generate", "Once upon a time", "--model", tiny_run, "--seed", "1",
                               "--max-new-tokens", "40", "--verbose"], capsys)

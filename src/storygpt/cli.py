@@ -122,6 +122,14 @@ def cmd_app(args) -> None:
         raise StoryGPTError(f"the web app stopped with exit code {code}")
 
 
+def cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("STORYGPT_API_KEY"),
+          max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
+          log_level=args.log_level)
+
+
 def cmd_export(args) -> None:
     from .export import export_model
 
@@ -237,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     a.add_argument("--port", type=int, default=8501)
     a.set_defaults(func=cmd_app)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not")
+    s.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
+                   help="model or run directory, repeatable; named after its folder (default: the shipped model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $STORYGPT_API_KEY)")
+    s.add_argument("--max-concurrency", type=int, default=None, help="generations at once (default: CPU cores, <= 8)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="write a model directory (e.g. fp16) from a run or model directory")
     x.add_argument("--model", required=True)

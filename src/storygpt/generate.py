@@ -35,7 +35,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     if penalty == 1.0 or history.numel() == 0:
         return logits
     seen = torch.gather(logits, 1, history)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    big = torch.finfo(seen.dtype).max  # a tiny penalty must not make +inf (inf - inf is nan when sampling)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty).clamp(-big, big)
     return logits.scatter(1, history, seen)
 
 
@@ -54,7 +55,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-    drop_sorted = before >= p              # already enough mass without it (the top token always stays)
+    drop_sorted = before >= p              # already enough mass without it
+    drop_sorted[..., 0] = False            # the top token always stays (a tiny p can round to 0)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -64,8 +66,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     """Next token per row from (B, vocab) logits; temperature 0 = greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
-    return torch.multinomial(logits.float().softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    # shifted so that the top logit is 0: a tiny temperature then gives -inf below it, never inf (and nan);
+    # a temperature below float32's smallest normal number would round to a division by 0
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 @dataclass
