@@ -133,9 +133,10 @@ def cmd_serve(args) -> None:
 def cmd_export(args) -> None:
     from .export import export_model
 
-    out = export_model(args.model, args.out, args.dtype)
+    out = export_model(args.model, args.out, args.dtype, args.format)
     size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"-> {out} ({size / 1e6:.1f} MB, {args.dtype})")
+    dtype = "fp32" if args.format == "llama2c" else args.dtype
+    print(f"-> {out} ({args.format}, {size / 1e6:.1f} MB, {dtype})")
 
 
 def cmd_presets(args) -> None:
@@ -259,10 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
-    x = sub.add_parser("export", help="write a model directory (e.g. fp16) from a run or model directory")
-    x.add_argument("--model", required=True)
+    x = sub.add_parser("export", help="write a model for storygpt (e.g. fp16), transformers (hf) or llama2.c's run.c")
+    x.add_argument("--model", required=True, help="run or model directory")
     x.add_argument("--out", required=True)
-    x.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    x.add_argument("--format", default="storygpt", choices=["storygpt", "hf", "llama2c"])
+    x.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="weights (llama2c: always fp32)")
     x.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="list the model presets and their parameter counts")

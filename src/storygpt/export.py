@@ -1,23 +1,190 @@
-"""Export a trained model (run or model directory) as a model directory, optionally in fp16/bf16.
+"""Export a trained model for other tools.
 
-This is how the shipped default model is made: `storygpt export --model RUN --out DIR --dtype fp16`.
+- `storygpt`: a storygpt model directory, optionally in fp16/bf16 (how the shipped default model is made).
+- `hf`: a Hugging Face `transformers` LlamaForCausalLM directory (config.json, model.safetensors,
+  generation_config.json, the SentencePiece tokenizer.model): `LlamaForCausalLM.from_pretrained(DIR)`.
+- `llama2c`: llama2.c's `model.bin` (version-0 format, fp32) and `tokenizer.bin`, for
+  `./run model.bin -z tokenizer.bin`.
+
+    storygpt export --model RUN --out DIR [--format storygpt|hf|llama2c] [--dtype fp16]
+
+Layouts: storygpt rotates consecutive pairs of each head's query/key dims (Meta's and llama2.c's
+layout), so llama2.c takes the weights as they are; `transformers` rotates the two halves of each head
+(`rotate_half`), so the hf export permutes the rows of the query and key projections per head, which
+gives the same attention scores.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
-from .checkpoint import load_model, save_model_dir
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_write, load_model, save_model_dir
 from .device import DTYPES
 from .errors import StoryGPTError
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+FORMATS = ("storygpt", "hf", "llama2c")
 
 
-def export_model(model: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16") -> Path:
-    """Write `model` to `out` with floating weights cast to `dtype` (fp32, fp16 or bf16)."""
+def export_model(model: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16",
+                 format: str = "storygpt") -> Path:
+    """Write `model` (a run or model directory) to `out` in `format`, floating weights in `dtype`
+    (llama2c is always fp32: run.c reads nothing else)."""
+    if format not in FORMATS:
+        raise StoryGPTError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dtype not in DTYPES:
         raise StoryGPTError(f"dtype must be fp32, fp16 or bf16, got {dtype!r}")
     if Path(out).resolve() == Path(model).resolve():
         raise StoryGPTError("--out must differ from --model")
     net, tokenizer, info = load_model(model)
-    return save_model_dir(out, net.cfg, net.state_dict(), tokenizer, info, dtype=DTYPES[dtype])
+    if format == "storygpt":
+        return save_model_dir(out, net.cfg, net.state_dict(), tokenizer, info, dtype=DTYPES[dtype])
+    if format == "hf":
+        return export_hf(net, tokenizer, out, DTYPES[dtype])
+    return export_llama2c(net, tokenizer, out)
+
+
+def _llama_only(net: Transformer, target: str) -> None:
+    if net.cfg.arch != "llama":
+        raise StoryGPTError(f"only llama-architecture models export to {target} (this one is {net.cfg.arch})")
+
+
+def _split_qkv(net: Transformer, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    c = net.cfg
+    return layer.attn.wqkv.weight.detach().split([c.n_heads * c.head_dim, c.kv_heads * c.head_dim,
+                                                  c.kv_heads * c.head_dim])
+
+
+def _pairs_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder each head's output rows from consecutive pairs (0,1), (2,3), ... to halves (0, D/2), ...:
+    row order 0, 2, 4, ..., 1, 3, 5, ... within each head."""
+    out_dim, in_dim = w.shape
+    return w.view(heads, out_dim // heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# --------------------------------------------------------------------------------------------
+def hf_config(net: Transformer, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> dict:
+    c = net.cfg
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.mlp_dim,
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_dim, "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02, "use_cache": True,
+        # a story starts after the end-of-story token, so it is also the start token
+        "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def hf_state_dict(net: Transformer) -> dict[str, torch.Tensor]:
+    """storygpt weights under LlamaForCausalLM's names and layouts."""
+    _llama_only(net, "transformers")
+    c = net.cfg
+    sd = {"model.embed_tokens.weight": net.tok_emb.weight.detach(), "model.norm.weight": net.norm.weight.detach()}
+    if not c.tie_embeddings:
+        sd["lm_head.weight"] = net.output.weight.detach()
+    for i, layer in enumerate(net.layers):
+        p = f"model.layers.{i}."
+        q, k, v = _split_qkv(net, layer)
+        gate, up = layer.mlp.w_gate_up.weight.detach().chunk(2)
+        sd |= {p + "self_attn.q_proj.weight": _pairs_to_halves(q, c.n_heads),
+               p + "self_attn.k_proj.weight": _pairs_to_halves(k, c.kv_heads),
+               p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.attn.wo.weight.detach(),
+               p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+               p + "mlp.down_proj.weight": layer.mlp.w_down.weight.detach(),
+               p + "input_layernorm.weight": layer.attn_norm.weight.detach(),
+               p + "post_attention_layernorm.weight": layer.mlp_norm.weight.detach()}
+    return sd
+
+
+def export_hf(net: Transformer, tokenizer: Tokenizer, out: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(dtype).contiguous().clone() for k, v in hf_state_dict(net).items()}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    cfg = hf_config(net, tokenizer, dtype)
+    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+           "pad_token_id": cfg["eos_token_id"]}
+    for name, obj in (("config.json", cfg), ("generation_config.json", gen)):
+        (out / name).write_text(json.dumps(obj, indent=2) + "\n")
+    (out / "tokenizer.model").write_bytes(tokenizer.model_proto)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# llama2.c
+# --------------------------------------------------------------------------------------------
+def llama2c_weights(net: Transformer) -> tuple[list[int], list[torch.Tensor]]:
+    """run.c's version-0 header (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+    vocab_size negative when the classifier is not the embedding) and its tensors, in file order."""
+    _llama_only(net, "llama2.c")
+    c = net.cfg
+    # run.c hard-codes both (RoPE base 10000, RMSNorm epsilon 1e-5)
+    if c.rope_theta != 10000.0 or c.norm_eps != 1e-5:
+        raise StoryGPTError(f"llama2.c's run.c assumes rope_theta 10000 and norm_eps 1e-5; this model has "
+                            f"{c.rope_theta:g} and {c.norm_eps:g}")
+    header = [c.dim, c.mlp_dim, c.n_layers, c.n_heads, c.kv_heads,
+              c.vocab_size if c.tie_embeddings else -c.vocab_size, c.max_seq_len]
+    layers = list(net.layers)
+    qkv = [_split_qkv(net, layer) for layer in layers]
+    gate_up = [layer.mlp.w_gate_up.weight.detach().chunk(2) for layer in layers]
+    # the RoPE tables run.c skips over (it computes the rotation itself), kept for the format's sake
+    freqs = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim)
+    angles = torch.outer(torch.arange(c.max_seq_len).float(), freqs)
+    tensors = [net.tok_emb.weight.detach(),
+               *(layer.attn_norm.weight.detach() for layer in layers),
+               *(q for q, _, _ in qkv), *(k for _, k, _ in qkv), *(v for _, _, v in qkv),
+               *(layer.attn.wo.weight.detach() for layer in layers),
+               *(layer.mlp_norm.weight.detach() for layer in layers),
+               *(g for g, _ in gate_up), *(layer.mlp.w_down.weight.detach() for layer in layers),
+               *(u for _, u in gate_up), net.norm.weight.detach(), angles.cos(), angles.sin()]
+    if not c.tie_embeddings:
+        tensors.append(net.output.weight.detach())
+    return header, tensors
+
+
+def llama2c_tokenizer(tokenizer: Tokenizer) -> bytes:
+    """tokenizer.bin as run.c reads it: max token length, then per id: score (f32), length (i32), bytes.
+    SentencePiece's word marker becomes a space; the end-of-story token (run.c's BOS, id 1 here too)
+    is written as llama2.c writes <s>."""
+    sp = tokenizer.sp
+    pieces = []
+    for i in range(sp.get_piece_size()):
+        if i == tokenizer.eos_id:
+            text = "\n<s>\n"
+        elif sp.is_unknown(i):
+            text = "<unk>"
+        else:
+            text = sp.id_to_piece(i).replace("\u2581", " ")
+        pieces.append((sp.get_score(i), text.encode("utf-8")))
+    body = b"".join(struct.pack("fI", score, len(b)) + b for score, b in pieces)
+    return struct.pack("I", max(len(b) for _, b in pieces)) + body
+
+
+def export_llama2c(net: Transformer, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
+    if tokenizer.eos_id != 1:
+        raise StoryGPTError(f"llama2.c's run.c starts and ends stories with token 1; this tokenizer uses {tokenizer.eos_id}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, tensors = llama2c_weights(net)
+
+    def write_model(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("7i", *header))
+            for t in tensors:
+                f.write(t.to(torch.float32).contiguous().numpy().tobytes())
+
+    atomic_write(out / "model.bin", write_model)
+    atomic_write(out / "tokenizer.bin", lambda tmp: Path(tmp).write_bytes(llama2c_tokenizer(tokenizer)))
+    return out

@@ -1,0 +1,178 @@
+"""Exports to other tools compute what storygpt computes: transformers' LlamaForCausalLM on the hf
+export, and a NumPy transcription of llama2.c's run.c forward pass on the llama2c export."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from storygpt.checkpoint import load_model, save_model_dir
+from storygpt.export import export_model
+from storygpt.model import ModelConfig, Transformer
+from storygpt.tokenizer import Tokenizer
+
+SHAPES = {
+    "tied": dict(dim=64, n_layers=2, n_heads=4),
+    "gqa+untied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=False),
+}
+
+
+@pytest.fixture(params=list(SHAPES))
+def model_dir(request, tmp_path, tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, **SHAPES[request.param])
+    net = Transformer(cfg)
+    with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows
+        for name, p in net.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return save_model_dir(tmp_path / "model", cfg, net.state_dict(), tok, {})
+
+
+def prompt_ids(model_dir) -> torch.Tensor:
+    tok = Tokenizer.load(model_dir)
+    return torch.tensor([[tok.eos_id] + tok.encode("Tom and Mia went to the park. They saw a big dog.")])
+
+
+def storygpt_logits(model_dir, ids) -> torch.Tensor:
+    net, _, _ = load_model(model_dir)
+    with torch.no_grad():
+        return net(ids, targets=ids)[0][0]
+
+
+def test_hf_export_matches(model_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    out = export_model(model_dir, tmp_path / "hf", dtype="fp32", format="hf")
+    hf = LlamaForCausalLM.from_pretrained(out).eval()
+    ids = prompt_ids(model_dir)
+    with torch.no_grad():
+        theirs = hf(ids).logits[0]
+    ours = storygpt_logits(model_dir, ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    # and greedy decoding agrees token for token
+    net, _, _ = load_model(model_dir)
+    from storygpt.generate import StoryModel
+
+    story = StoryModel(net, Tokenizer.load(model_dir)).generate("Tom and Mia", temperature=0, max_new_tokens=20)
+    tok = Tokenizer.load(model_dir)
+    start = torch.tensor([[tok.eos_id] + tok.encode("Tom and Mia")])
+    gen = hf.generate(start, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+    assert tok.decode(gen[0].tolist()) == story
+
+
+def read_llama2c(path) -> tuple[dict, dict]:
+    """model.bin as run.c's memory_map_weights reads it."""
+    raw = path.read_bytes()
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack("7i", raw[:28])
+    shared = vocab > 0
+    vocab, hs = abs(vocab), dim // heads
+    kv_dim = kv_heads * hs
+    w = np.frombuffer(raw[28:], dtype=np.float32)
+    shapes = [("emb", (vocab, dim)), ("rms_att", (layers, dim)), ("wq", (layers, dim, dim)),
+              ("wk", (layers, kv_dim, dim)), ("wv", (layers, kv_dim, dim)), ("wo", (layers, dim, dim)),
+              ("rms_ffn", (layers, dim)), ("w1", (layers, hidden, dim)), ("w2", (layers, dim, hidden)),
+              ("w3", (layers, hidden, dim)), ("rms_final", (dim,)), ("freq_real", (seq_len, hs // 2)),
+              ("freq_imag", (seq_len, hs // 2))]
+    if not shared:
+        shapes.append(("wcls", (vocab, dim)))
+    out, at = {}, 0
+    for name, shape in shapes:
+        n = int(np.prod(shape))
+        out[name] = w[at:at + n].reshape(shape)
+        at += n
+    assert at == w.size, "model.bin has trailing or missing floats"
+    out.setdefault("wcls", out["emb"])
+    cfg = dict(dim=dim, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab, seq_len=seq_len)
+    return cfg, out
+
+
+def run_c_forward(cfg: dict, w: dict, tokens: list[int]) -> np.ndarray:
+    """run.c's forward(), one position at a time, in NumPy: logits (T, vocab)."""
+    dim, heads, kv_heads = cfg["dim"], cfg["heads"], cfg["kv_heads"]
+    hs = dim // heads
+    kv_dim = kv_heads * hs
+
+    def rmsnorm(x, g):
+        return g * (x / np.sqrt(np.mean(x * x) + 1e-5))
+
+    keys = np.zeros((cfg["layers"], len(tokens), kv_dim), np.float32)
+    values = np.zeros_like(keys)
+    logits = []
+    for pos, token in enumerate(tokens):
+        x = w["emb"][token].copy()
+        for li in range(cfg["layers"]):
+            xb = rmsnorm(x, w["rms_att"][li])
+            q, k, v = w["wq"][li] @ xb, w["wk"][li] @ xb, w["wv"][li] @ xb
+            for i in range(0, dim, 2):  # RoPE on consecutive pairs, base 10000, as run.c writes it
+                angle = pos * (1.0 / 10000.0 ** ((i % hs) / hs))
+                fcr, fci = np.cos(angle), np.sin(angle)
+                for vec in ((q, k) if i < kv_dim else (q,)):
+                    v0, v1 = vec[i], vec[i + 1]
+                    vec[i], vec[i + 1] = v0 * fcr - v1 * fci, v0 * fci + v1 * fcr
+            keys[li, pos], values[li, pos] = k, v
+            att_out = np.zeros(dim, np.float32)
+            for h in range(heads):
+                kvh = h // (heads // kv_heads)
+                kh = keys[li, :pos + 1, kvh * hs:(kvh + 1) * hs]
+                scores = kh @ q[h * hs:(h + 1) * hs] / np.sqrt(hs)
+                p = np.exp(scores - scores.max())
+                p /= p.sum()
+                att_out[h * hs:(h + 1) * hs] = p @ values[li, :pos + 1, kvh * hs:(kvh + 1) * hs]
+            x = x + w["wo"][li] @ att_out
+            xb = rmsnorm(x, w["rms_ffn"][li])
+            h1, h3 = w["w1"][li] @ xb, w["w3"][li] @ xb
+            x = x + w["w2"][li] @ (h1 / (1 + np.exp(-h1)) * h3)
+        logits.append(w["wcls"] @ rmsnorm(x, w["rms_final"]))
+    return np.stack(logits)
+
+
+def test_llama2c_export_matches_run_c(model_dir, tmp_path):
+    out = export_model(model_dir, tmp_path / "l2c", format="llama2c")
+    cfg, weights = read_llama2c(out / "model.bin")
+    net, _, _ = load_model(model_dir)
+    assert (cfg["dim"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["seq_len"]) == \
+        (net.cfg.dim, net.cfg.mlp_dim, net.cfg.n_layers, net.cfg.n_heads, net.cfg.max_seq_len)
+    ids = prompt_ids(model_dir)
+    theirs = run_c_forward(cfg, weights, ids[0].tolist())
+    ours = storygpt_logits(model_dir, ids).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=1e-4)
+
+
+def test_llama2c_tokenizer_bin(model_dir, tmp_path):
+    out = export_model(model_dir, tmp_path / "l2c", format="llama2c")
+    tok = Tokenizer.load(model_dir)
+    raw = (out / "tokenizer.bin").read_bytes()
+    (max_len,) = struct.unpack("I", raw[:4])
+    at, pieces = 4, []
+    for _ in range(tok.vocab_size):  # run.c's build_tokenizer
+        score, n = struct.unpack("fI", raw[at:at + 8])
+        pieces.append((score, raw[at + 8:at + 8 + n].decode()))
+        at += 8 + n
+    assert at == len(raw) and max_len == max(len(p.encode()) for _, p in pieces)
+    assert pieces[tok.eos_id][1] == "\n<s>\n" and pieces[0][1] == "<unk>"
+    assert pieces[3][1] == "<0x00>"  # byte fallback at id 3 + byte, where run.c looks for it
+    word = next(i for i in range(tok.vocab_size) if tok.sp.id_to_piece(i).startswith("\u2581") and len(tok.sp.id_to_piece(i)) > 2)
+    assert pieces[word][1] == " " + tok.sp.id_to_piece(word)[1:]
+    assert pieces[word][0] == pytest.approx(tok.sp.get_score(word))
+
+
+def test_export_bad_input(tiny_run, tmp_path, capsys):
+    code, _, err = run_cli(["export", "--model", tiny_run, "--out", tmp_path / "x", "--format", "onnx"], capsys)
+    assert code == 2 and "invalid choice" in err and "Traceback" not in err
+    code, _, err = run_cli(["export", "--model", tmp_path / "nothing", "--out", tmp_path / "x", "--format", "hf"], capsys)
+    assert code == 2 and "nothing" in err and "Traceback" not in err
+
+
+def test_gpt2_arch_is_refused(tmp_path, tokenizer_dir, capsys):
+    tok = Tokenizer.load(tokenizer_dir)
+    cfg = ModelConfig(arch="gpt2", vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=32)
+    src = save_model_dir(tmp_path / "g", cfg, Transformer(cfg).state_dict(), tok, {})
+    for fmt in ("hf", "llama2c"):
+        code, _, err = run_cli(["export", "--model", src, "--out", tmp_path / fmt, "--format", fmt], capsys)
+        assert code == 2 and "only llama-architecture models" in err
