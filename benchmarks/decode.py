@@ -1,76 +1,181 @@
-"""Decoding speed of a model: tokens/s at batch 1 and 8 (greedy, no early stop), time to first token.
+"""Decoding speed side by side: storygpt vs transformers generate() vs llama2.c's run.c, same weights.
 
-    python benchmarks/decode.py [--model DIR] [--new-tokens 256] [--rounds 3] [--smoke]
+    python benchmarks/decode.py [--model DIR] [--llama2c ../peers/llama2.c] [--rounds 3] [--smoke]
 
-Without --model it measures the shipped default model. The end-of-story token is masked out so
-every run decodes exactly --new-tokens tokens (the same work each round).
+Greedy, an empty prompt (the start-of-story token only, so every contender starts from the same
+token whatever its tokenizer does), 256 new tokens, the end-of-story token never taken (storygpt
+ignore_eos=True, transformers min_new_tokens, run.c built from a copy with its one-line
+`if (next == 1) break;` removed), so each contender does the same work every round.
+
+- storygpt: `storygpt.load(dtype=...)`, eager and `compile=True`, in fp32 and (where the CPU computes
+  it natively) bf16.
+- transformers: the model exported with `storygpt export --format hf`, `LlamaForCausalLM.generate()`
+  in the same dtypes.
+- run.c: `storygpt export --format llama2c` (fp32, run.c's only format) built with
+  `gcc -O3 -march=native -fopenmp`; its own "achieved tok/s". It decodes one story at a time, so
+  its batch-8 throughput is its batch-1 throughput.
+
+tokens/s counts every new token of every row over the wall time of the call (prompt included);
+time to first token is the wall time of a call for one new token. Contenders alternate round by
+round; medians are reported, with ratios against transformers at the same dtype and against run.c.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-from datetime import date
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+from common import alternate, header, median, save, table
 
 import storygpt
-from storygpt.device import machine_description
-from storygpt.generate import StoryModel
-
-RESULTS = Path(__file__).parent / "results"
+from storygpt.device import pick_dtype
+from storygpt.export import export_hf, export_llama2c
 
 
-class NoEos(torch.nn.Module):
-    """Forbids the end-of-story token so each run decodes the full length."""
+def storygpt_contender(path, dtype: str, compile: bool, new_tokens: int):
+    model = storygpt.load(path, dtype=dtype, compile=compile)
 
-    def __init__(self, model, eos_id):
-        super().__init__()
-        self.inner, self.cfg, self.eos_id = model, model.cfg, eos_id
+    def run(batch: int, n: int = new_tokens) -> float:
+        model.generate("", num_samples=batch, temperature=0, max_new_tokens=n, ignore_eos=True)
+        return model.last_stats["new_tokens"] / model.last_stats["seconds"]
 
-    def forward(self, idx, targets=None, cache=None):
-        logits, loss = self.inner(idx, targets, cache)
-        logits[..., self.eos_id] = float("-inf")
-        return logits, loss
+    return model, run
 
-    def num_params(self):
-        return self.inner.num_params()
+
+def hf_contender(hf_dir: Path, dtype: torch.dtype, start_id: int, new_tokens: int):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+
+    def run(batch: int, n: int = new_tokens) -> float:
+        ids = torch.full((batch, 1), start_id)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, pad_token_id=start_id, eos_token_id=start_id)
+        seconds = time.perf_counter() - t
+        assert out.shape == (batch, 1 + n), out.shape
+        return batch * n / seconds
+
+    return model, run
+
+
+def build_run_c(llama2c: Path, work: Path) -> Path:
+    """run.c from the checkout, without its end-of-story break, built as llama2.c's README says."""
+    src = (llama2c / "run.c").read_text()
+    patched, count = re.subn(r"\n\s*if \(next == 1\) \{ break; \}", "", src)
+    if count != 1:
+        raise SystemExit(f"{llama2c / 'run.c'}: did not find run.c's end-of-story break to remove")
+    (work / "run.c").write_text(patched)
+    subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", "-o", str(work / "run"), str(work / "run.c"), "-lm"],
+                   check=True)
+    return work / "run"
+
+
+def run_c_contender(binary: Path, l2c_dir: Path, new_tokens: int):
+    def run(batch: int, n: int = new_tokens) -> float:
+        # -n counts forward passes: from the start token, n of them make n new tokens
+        out = subprocess.run([str(binary), str(l2c_dir / "model.bin"), "-z", str(l2c_dir / "tokenizer.bin"),
+                              "-t", "0", "-n", str(n)], capture_output=True, text=True, check=True)
+        return float(re.search(r"achieved tok/s: ([\d.]+)", out.stderr).group(1))
+
+    def text(n: int) -> str:
+        out = subprocess.run([str(binary), str(l2c_dir / "model.bin"), "-z", str(l2c_dir / "tokenizer.bin"),
+                              "-t", "0", "-n", str(n)], capture_output=True, text=True, check=True)
+        return out.stdout
+
+    return run, text
+
+
+def first_token(run, batch: int):
+    """A call for one new token, timed by `alternate` (it returns None)."""
+    return lambda: run(batch, 1) and None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    ap.add_argument("--llama2c", type=Path, help="a llama2.c checkout (run.c is built from it)")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "decode.json"))
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd storygpt rows")
+    ap.add_argument("--smoke", action="store_true", help="a few tokens, one round (checks the script works)")
     args = ap.parse_args()
     if args.smoke:
-        args.new_tokens, args.rounds = 8, 1
-    base = storygpt.load(args.model)
-    model = StoryModel(NoEos(base.model, base.tokenizer.eos_id), base.tokenizer, base.info, base.path)
-    rows = []
-    for batch in map(int, args.batches.split(",")):
-        model.generate("Once upon a time", temperature=0, max_new_tokens=4, num_samples=batch)  # warm-up
-        runs = []
-        for _ in range(args.rounds):
-            model.generate("Once upon a time", temperature=0, max_new_tokens=args.new_tokens, num_samples=batch)
-            runs.append(dict(model.last_stats))
-        med = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
-        rows.append({"batch": batch, "new_tokens": args.new_tokens, "tokens_per_s": round(med["tokens_per_s"], 1),
-                     "time_to_first_token_ms": round(1000 * statistics.median(r["time_to_first_token_s"] for r in runs), 1)})
-    result = {"benchmark": "decode", "model": base.path, "params": base.model.num_params(), "date": str(date.today()),
-              "machine": machine_description(), "rows": rows}
-    if not args.smoke:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"model {base.path}: {base.model.num_params() / 1e6:.2f}M params, greedy, {args.new_tokens} new tokens")
-    print("| batch | tokens/s (all rows) | time to first token |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['tokens_per_s']:,.0f} | {r['time_to_first_token_ms']:.0f} ms |")
+        args.new_tokens, args.rounds, args.no_compile = 8, 1, True
+    batches = [int(b) for b in args.batches.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="storygpt-decode-"))
+    try:
+        base = storygpt.load(args.model, dtype="fp32")
+        path, start_id = base.path, base.tokenizer.eos_id
+        if args.llama2c and args.new_tokens > base.model.cfg.max_seq_len:
+            raise SystemExit(f"run.c stops at the model's context: --new-tokens must be <= {base.model.cfg.max_seq_len}")
+        dtypes = ["fp32"] + (["bf16"] if pick_dtype(torch.device("cpu"), "auto") == "bf16" else [])
+        export_hf(base.model, base.tokenizer, work / "hf")
+
+        contenders: dict[str, tuple[str, object]] = {}  # name -> (dtype, run(batch, n))
+        for dt in dtypes:
+            for compiled in ([False] if args.no_compile else [False, True]):
+                name = f"storygpt {dt}" + (" compiled" if compiled else "")
+                contenders[name] = (dt, storygpt_contender(path, dt, compiled, args.new_tokens)[1])
+            contenders[f"transformers {dt}"] = (dt, hf_contender(work / "hf", getattr(torch, {"bf16": "bfloat16",
+                                                "fp32": "float32"}[dt]), start_id, args.new_tokens)[1])
+        check = None
+        if args.llama2c:
+            binary = build_run_c(args.llama2c, work)
+            export_llama2c(base.model, base.tokenizer, work / "l2c")
+            run_c, run_c_text = run_c_contender(binary, work / "l2c", args.new_tokens)
+            contenders["llama2.c run.c fp32"] = ("fp32", run_c)
+            # same weights, same greedy story
+            n = min(64, base.model.cfg.max_seq_len)
+            ours = base.generate("", temperature=0, max_new_tokens=n, ignore_eos=True)
+            check = run_c_text(n).strip() == ours.strip()
+
+        rows = []
+        for batch in batches:
+            runs = {name: (lambda run=run, batch=batch: run(batch)) for name, (_, run) in contenders.items()
+                    if batch == 1 or not name.startswith("llama2.c")}
+            for run in runs.values():
+                run()  # warm-up (and the compile, for the compiled rows)
+            speeds = alternate(runs, args.rounds)
+            firsts = alternate({name: first_token(contenders[name][1], batch) for name in runs}, args.rounds)
+            for name in runs:
+                rows.append({"contender": name, "dtype": contenders[name][0], "batch": batch,
+                             "tokens_per_s": round(median(speeds[name]), 1),
+                             "time_to_first_token_ms": round(1000 * median(firsts[name]), 1)})
+        run_c = next((r["tokens_per_s"] for r in rows if r["contender"].startswith("llama2.c")), None)
+        for r in rows:
+            hf = next((x["tokens_per_s"] for x in rows if x["contender"] == f"transformers {r['dtype']}"
+                       and x["batch"] == r["batch"]), None)
+            r["vs_transformers"] = round(r["tokens_per_s"] / hf, 2) if hf else None
+            r["vs_run_c"] = round(r["tokens_per_s"] / run_c, 2) if run_c else None
+        result = header("decode", model=path, params=base.model.num_params(), new_tokens=args.new_tokens,
+                        rounds=args.rounds, run_c_matches_storygpt=check, torch_threads=torch.get_num_threads(),
+                        omp_threads=os.environ.get("OMP_NUM_THREADS"), rows=rows)
+        save(result, "decode", args.smoke)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"{base.model.num_params() / 1e6:.2f}M-parameter model, greedy, {args.new_tokens} new tokens after the "
+          f"start token, median of {args.rounds} alternating rounds")
+    if check is not None:
+        print(f"run.c's greedy story {'matches' if check else 'DOES NOT match'} storygpt's (fp32, same weights)")
+    print(table(rows, {
+        "contender": lambda r: r["contender"], "batch": lambda r: str(r["batch"]),
+        "tokens/s": lambda r: f"{r['tokens_per_s']:,.0f}",
+        "time to first token": lambda r: f"{r['time_to_first_token_ms']:.0f} ms" if not r["contender"].startswith("llama2.c")
+        else "—",
+        "× transformers (same dtype)": lambda r: f"{r['vs_transformers']:.2f}" if r["vs_transformers"] else "—",
+        "× run.c": lambda r: f"{r['vs_run_c']:.2f}" if r["vs_run_c"] else "—",
+    }))
 
 
 if __name__ == "__main__":

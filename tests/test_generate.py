@@ -100,6 +100,9 @@ def test_eos_stops_and_sliding_window(tiny_run):
     text = stopped.generate("Tom", seed=0, max_new_tokens=100)
     assert stopped.last_stats["new_tokens"] == 6  # five tokens, then the end-of-story token
     assert text.startswith("Tom") and len(text) > len("Tom")
+    stopped.calls = 0  # ignore_eos: the same model writes all 40 tokens
+    stopped.generate("Tom", seed=0, max_new_tokens=40, ignore_eos=True)
+    assert stopped.last_stats["new_tokens"] == 40 and stopped.last_stats["finish_reasons"] == ["length"]
     # a story longer than the context (and a prompt longer than it) slides instead of failing
     endless = StoryModel(EosControl(base.model, eos), base.tokenizer, base.info)
     endless.context = 32

@@ -83,6 +83,7 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # never end the story early: always max_new_tokens (for benchmarks)
 
     def validate(self) -> None:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
@@ -120,7 +121,8 @@ class StoryModel:
         """The prompt followed by a generated story (a list of `num_samples` of them if given).
 
         Options: max_new_tokens=256, temperature=0.8 (0 = greedy), top_k=0 (off), top_p=0.95,
-        repetition_penalty=1.0, seed=None, stop=[] (strings that end the story, not included).
+        repetition_penalty=1.0, seed=None, stop=[] (strings that end the story, not included),
+        ignore_eos=False (True: never end early, always max_new_tokens tokens; for benchmarks).
         """
         n = 1 if num_samples is None else num_samples
         texts = [prompt] * n
@@ -181,6 +183,8 @@ class StoryModel:
         hold = max((len(x) for x in opts.stop), default=1) - 1  # a stop string may still be forming
         for step in range(opts.max_new_tokens):
             last = apply_repetition_penalty(logits[:, -1].float(), ids[:, 1:], opts.repetition_penalty)
+            if opts.ignore_eos:
+                last[:, tok.eos_id] = float("-inf")
             nxt = sample_next(last, opts.temperature, opts.top_k, opts.top_p, generator)
             nxt = torch.where(done, tok.eos_id, nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
