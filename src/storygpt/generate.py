@@ -114,7 +114,7 @@ class StoryModel:
         self.context = trained_context(model.cfg, self.info)
         self.last_stats: dict = {}
         # one compiled graph per token (see Transformer.decode_step); compiles on first use, per batch size
-        self.decode_step = maybe_compile(model.decode_step, self.device, dynamic=False) if compile else None
+        self.decode_step = _frozen(maybe_compile(model.decode_step, self.device, dynamic=False)) if compile else None
 
     # --- public API ------------------------------------------------------------------------
     def generate(self, prompt: str = "", num_samples: int | None = None, **options) -> str | list[str]:
@@ -171,52 +171,60 @@ class StoryModel:
         generator = None
         if opts.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(opts.seed)
-        ids = torch.tensor([prompt_ids] * n, device=self.device)  # every token so far, per row
+        P = len(prompt_ids)
+        ids = torch.empty(n, P + opts.max_new_tokens, dtype=torch.long, device=self.device)  # every token, per row
+        ids[:, :P] = torch.tensor(prompt_ids, device=self.device)
+        length = P  # filled columns of ids
+        rows = [list(prompt_ids) for _ in range(n)]  # the same tokens as Python lists, for the text
         cache = KVCache(model.cfg, n, self.device, self.dtype, max_len=ctx)
         emitted = [""] * n
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        counts = torch.zeros(n, dtype=torch.long, device=self.device)  # tokens made per sample
+        done = [False] * n
+        counts = [0] * n  # tokens made per sample
         reasons = ["length"] * n  # "stop": the story ended (end-of-story token or a stop string)
         new_tokens, t0, first_token_s = 0, time.perf_counter(), None
-        window = ids[:, -(ctx - 1):]  # a prompt longer than the context keeps its last tokens
+        window = ids[:, max(0, P - (ctx - 1)):P]  # a prompt longer than the context keeps its last tokens
         logits, _ = model(window, cache=cache)
         hold = max((len(x) for x in opts.stop), default=1) - 1  # a stop string may still be forming
         for step in range(opts.max_new_tokens):
-            last = apply_repetition_penalty(logits[:, -1].float(), ids[:, 1:], opts.repetition_penalty)
+            last = apply_repetition_penalty(logits[:, -1].float(), ids[:, 1:length], opts.repetition_penalty)
             if opts.ignore_eos:
                 last[:, tok.eos_id] = float("-inf")
             nxt = sample_next(last, opts.temperature, opts.top_k, opts.top_p, generator)
-            nxt = torch.where(done, tok.eos_id, nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            new_tokens += int((~done).sum())
-            counts += (~done).long()
+            if any(done):  # finished rows are fed end-of-story tokens until the batch ends
+                nxt = nxt.masked_fill(torch.tensor(done, device=self.device), tok.eos_id)
+            ids[:, length] = nxt
+            length += 1
+            picked = nxt.tolist()
             if first_token_s is None:
                 first_token_s = time.perf_counter() - t0
             final = step == opts.max_new_tokens - 1
             for i in range(n):
                 if done[i]:
                     continue
-                text = tok.decode(ids[i].tolist())[len(base_text):]
+                rows[i].append(picked[i])
+                counts[i] += 1
+                new_tokens += 1
+                text = tok.decode(rows[i])[len(base_text):]
                 cut = _first_stop(text, opts.stop)
                 if cut is not None:
                     text = text[:cut]
-                finished = final or cut is not None or int(nxt[i]) == tok.eos_id
+                finished = final or cut is not None or picked[i] == tok.eos_id
                 if not finished:
                     if text.endswith("\ufffd"):
                         continue  # an incomplete UTF-8 sequence of byte tokens: wait for the rest
                     text = text[:len(text) - hold]
                 if finished:
                     done[i] = True
-                    if cut is not None or int(nxt[i]) == tok.eos_id:
+                    if cut is not None or picked[i] == tok.eos_id:
                         reasons[i] = "stop"
                 if len(text) > len(emitted[i]):
                     yield i, text[len(emitted[i]):]
                     emitted[i] = text
-            if bool(done.all()):
+            if all(done):
                 break
             if cache.pos >= ctx:  # slide: refill the cache with the latest half context
                 cache.reset()
-                logits, _ = model(ids[:, -(ctx // 2):], cache=cache)
+                logits, _ = model(ids[:, length - ctx // 2:length], cache=cache)
             elif self.decode_step is not None:
                 logits = self.decode_step(nxt[:, None], torch.tensor([cache.pos], device=self.device), cache)
                 cache.pos += 1
@@ -226,10 +234,21 @@ class StoryModel:
         figures = {"new_tokens": new_tokens, "seconds": elapsed,
                    "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0,
                    "time_to_first_token_s": first_token_s or 0.0, "prompt_tokens": len(prompt_ids) - 1,
-                   "finish_reasons": reasons, "tokens_per_sample": counts.tolist()}
+                   "finish_reasons": reasons, "tokens_per_sample": counts}
         self.last_stats = figures
         if stats is not None:
             stats.update(figures)
+
+
+def _frozen(step):
+    """Call the compiled `step` with inductor's freezing on: the weights become constants of the graph,
+    prepacked for oneDNN on CPU (1.2x the tokens/s at batch 1 here). Set per call, not globally, so that
+    a model compiled for training elsewhere in the process is never frozen; the compiled graph (and any
+    recompile, e.g. for a new batch size) happens inside a call. Decoding never changes the weights."""
+    def call(*args):
+        with torch._inductor.config.patch(freezing=True):
+            return step(*args)
+    return call
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
