@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=0.02)
     d.add_argument("--field", default=None)
     d.add_argument("--seed", type=int, default=1337)
-    d.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    d.add_argument("--workers", type=int, default=None, help="encoding threads (default: all cores)")
     d.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_data_prepare)

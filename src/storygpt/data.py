@@ -7,7 +7,8 @@ Data directory layout (what `storygpt data prepare` writes):
     DIR/train_00000.bin ...  flat token streams (uint16 or uint32), each story followed by EOS
     DIR/val_00000.bin ...
 
-Preparation streams: stories are read lazily, encoded by a pool of worker processes with a bounded
+Preparation streams: stories are read lazily, encoded by a pool of threads (SentencePiece releases
+the GIL, so they use every core without processes to start or results to pickle) with a bounded
 number of chunks in flight, and scattered into on-disk buckets; each bucket is then shuffled in
 memory on its own and becomes one shard. Peak memory is set by the bucket size, not the input size.
 """
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
 import tempfile
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,19 +171,10 @@ def token_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
     return np.dtype(dtype)
 
 
-_worker_tok: Tokenizer | None = None
-
-
-def _init_worker(model_proto: bytes) -> None:
-    global _worker_tok
-    torch.set_num_threads(1)
-    _worker_tok = Tokenizer(model_proto)
-
-
-def _encode_chunk(stories: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encode a chunk: (tokens with EOS after each story, tokens per story, UTF-8 bytes per story)."""
-    tok = _worker_tok
-    ids = tok.encode_batch(stories)
+def _encode_chunk(tok: Tokenizer, stories: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode a chunk: (tokens with EOS after each story, tokens per story, UTF-8 bytes per story).
+    SentencePiece releases the GIL while it encodes, so threads running this use every core."""
+    ids = tok.encode_batch(stories, num_threads=1)
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lengths.sum()), dtype=dtype)
     ends = np.cumsum(lengths)
@@ -242,10 +234,7 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
                    for split in ("train", "val") for b in range(n_buckets)}
         stories = iter_stories(files, field)
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encoding", disable=not progress)
-        ctx = mp.get_context("spawn" if os.name == "nt" else "forkserver")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok.model_proto,)) if workers > 1 else None
-        if pool is None:
-            _init_worker(tok.model_proto)
+        pool = ThreadPoolExecutor(workers) if workers > 1 else None
         try:
             pending: deque = deque()
             chunk_iter = enumerate(_chunks(stories, chunk_stories))
@@ -258,13 +247,13 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
                         break
                     idx, chunk = nxt
                     if pool is None:
-                        pending.append((idx, _encode_chunk(chunk, np_dtype.name)))
+                        pending.append((idx, _encode_chunk(tok, chunk, np_dtype.name)))
                     else:
-                        pending.append((idx, pool.apply_async(_encode_chunk, (chunk, np_dtype.name))))
+                        pending.append((idx, pool.submit(_encode_chunk, tok, chunk, np_dtype.name)))
                 if not pending:
                     break
                 idx, res = pending.popleft()
-                flat, lengths, nbytes = res if pool is None else res.get()
+                flat, lengths, nbytes = res if pool is None else res.result()
                 _scatter(buckets, idx, flat, lengths, nbytes, seed, val_fraction, n_buckets)
                 bar.update(int(nbytes.sum()) + EOS_LINE_BYTES * len(lengths))
         except BaseException:
@@ -272,7 +261,7 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
             raise
         finally:
             if pool is not None:
-                pool.terminate()
+                pool.shutdown(cancel_futures=True)
             bar.close()
         for b in buckets.values():
             b.tokens.close()

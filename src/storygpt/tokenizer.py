@@ -67,9 +67,10 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many separate texts (no separator handling) in one C++ call."""
-        return self.sp.encode(texts)
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """Encode many separate texts (no separator handling) in one C++ call, on `num_threads`
+        threads (-1: SentencePiece's default, all cores)."""
+        return self.sp.encode(texts, num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; the end-of-story token decodes to nothing."""
