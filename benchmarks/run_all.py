@@ -67,17 +67,16 @@ def chart(path: Path) -> None:
 
     attn = json.loads((RESULTS / "attention.json").read_text())
     ax = axes[1][0]
-    lengths = sorted({r["seq_len"] for r in attn["rows"]})
+    cases = list(dict.fromkeys((r["dtype"], r["seq_len"]) for r in attn["rows"]))
     for i, kind in enumerate(("sdpa", "naive")):
-        ms = [next(r["fwd_bwd_ms"] for r in attn["rows"] if r["seq_len"] == T and r["kind"] == kind) for T in lengths]
-        mb = [next(r["peak_memory_mb"] for r in attn["rows"] if r["seq_len"] == T and r["kind"] == kind)
-              for T in lengths]
-        bars = ax.bar([j + i * 0.4 for j in range(len(lengths))], ms, 0.4, label=kind)
-        for bar, m in zip(bars, mb):
-            ax.annotate(f"{m:,.0f} MB", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=7)
-    ax.set_xticks([j + 0.2 for j in range(len(lengths))], [f"T={T}" for T in lengths])
-    ax.set_title("attention forward+backward, ms (labels: peak memory)")
+        picked = [next(r for r in attn["rows"] if (r["dtype"], r["seq_len"]) == c and r["kind"] == kind) for c in cases]
+        bars = ax.bar([j + i * 0.4 for j in range(len(cases))], [r["fwd_bwd_ms"] for r in picked], 0.4, label=kind)
+        for bar, r in zip(bars, picked):
+            ax.annotate(f"{r['peak_memory_mb']:,.0f} MB", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([j + 0.2 for j in range(len(cases))], [f"{d} T={T}" for d, T in cases])
+    ax.set_yscale("log")
+    ax.set_title("attention forward+backward, ms, log scale (labels: peak memory)")
     ax.legend()
 
     prep = json.loads((RESULTS / "data_prep.json").read_text())

@@ -75,9 +75,8 @@ def nanogpt_model(cfg: ModelConfig, lr: float, checkout: Path):
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter counts
         model = mod.GPT(gcfg)
         opt = model.configure_optimizers(0.1, lr, (0.9, 0.95), "cpu")
-    n = model.get_num_params(non_embedding=True)  # excludes position embeddings; the tied output counts below
-    n += model.lm_head.weight.numel() - model.transformer.wte.weight.numel()  # 0: tied, as ours
-    n += model.transformer.wte.weight.numel()
+    # without the position embeddings; the token embedding is counted once, as the (tied) output matmul
+    n = model.get_num_params(non_embedding=True)
     return model, opt, lambda x, y: model(x, y)[1], n
 
 

@@ -26,7 +26,7 @@ def test_attention_smoke():
     out = subprocess.run([sys.executable, BENCHMARKS / "attention.py", "--smoke"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "| 64 | sdpa |" in out.stdout and "| 64 | naive |" in out.stdout
+    assert "| 64 | fp32 | sdpa |" in out.stdout and "| 64 | fp32 | naive |" in out.stdout
 
 
 def test_data_prep_smoke():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from storygpt.errors import StoryGPTError
-from storygpt.model import PRESETS, ModelConfig, Transformer, apply_rope, rope_tables
+from storygpt.model import PRESETS, ModelConfig, Transformer, apply_rope, matmul_attention, rope_tables
 
 
 def small_cfg(**kw):
@@ -28,6 +28,28 @@ def test_sdpa_matches_naive_attention(arch, n_kv_heads):
     assert a.shape == (3, 40, cfg.vocab_size)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(la, lb)
+
+
+def test_auto_attention_choice_and_bf16_gradients():
+    """attention="auto" takes the matmul path on CPU in bf16 up to 1024 keys, SDPA otherwise; in bf16
+    both give the same loss and gradients to bf16 precision."""
+    q32, q16 = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    assert matmul_attention("auto", q16, 1024) and not matmul_attention("auto", q16, 1025)
+    assert not matmul_attention("auto", q32, 512)
+    assert not matmul_attention("sdpa", q16, 512) and matmul_attention("naive", q32, 4096)
+    torch.manual_seed(0)
+    idx = torch.randint(0, 97, (2, 40))
+    grads, losses = [], []
+    for attention in ("sdpa", "auto"):
+        torch.manual_seed(0)
+        model = Transformer(small_cfg(attention=attention))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, idx)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-2, atol=1e-2)
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.999
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
