@@ -68,13 +68,15 @@ def chart(path: Path) -> None:
     attn = json.loads((RESULTS / "attention.json").read_text())
     ax = axes[1][0]
     cases = list(dict.fromkeys((r["dtype"], r["seq_len"]) for r in attn["rows"]))
-    for i, kind in enumerate(("sdpa", "naive")):
+    kinds = list(dict.fromkeys(r["kind"] for r in attn["rows"]))
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
         picked = [next(r for r in attn["rows"] if (r["dtype"], r["seq_len"]) == c and r["kind"] == kind) for c in cases]
-        bars = ax.bar([j + i * 0.4 for j in range(len(cases))], [r["fwd_bwd_ms"] for r in picked], 0.4, label=kind)
+        bars = ax.bar([j + i * width for j in range(len(cases))], [r["fwd_bwd_ms"] for r in picked], width, label=kind)
         for bar, r in zip(bars, picked):
             ax.annotate(f"{r['peak_memory_mb']:,.0f} MB", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
-    ax.set_xticks([j + 0.2 for j in range(len(cases))], [f"{d} T={T}" for d, T in cases])
+    ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(cases))], [f"{d} T={T}" for d, T in cases])
     ax.set_yscale("log")
     ax.set_title("attention forward+backward, ms, log scale (labels: peak memory)")
     ax.legend()

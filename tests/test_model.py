@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from storygpt.errors import StoryGPTError
-from storygpt.model import PRESETS, ModelConfig, Transformer, apply_rope, matmul_attention, rope_tables
+from storygpt.model import (PRESETS, ModelConfig, Transformer, apply_rope, blocked_attention, matmul_attention,
+                            naive_attention, rope_tables)
 
 
 def small_cfg(**kw):
@@ -28,6 +29,22 @@ def test_sdpa_matches_naive_attention(arch, n_kv_heads):
     assert a.shape == (3, 40, cfg.vocab_size)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(la, lb)
+
+
+@pytest.mark.parametrize("T,S", [(300, 300), (100, 300), (64, 64)])
+def test_blocked_attention_matches_naive(T, S):
+    """Query blocks against only the keys they can see: the same output and gradients as the full
+    masked softmax, including queries that are the last T of S cached positions."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, T, 16, requires_grad=True)
+    k, v = torch.randn(2, 3, S, 16, requires_grad=True), torch.randn(2, 3, S, 16, requires_grad=True)
+    g = torch.randn(2, 3, T, 16)
+    grads = []
+    for fn in (naive_attention, lambda q, k, v: blocked_attention(q, k, v, block=64)):
+        out = fn(q, k, v)
+        grads.append((out, *torch.autograd.grad(out, (q, k, v), g)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_attention_choice_and_bf16_gradients():

@@ -170,7 +170,7 @@ class Attention(nn.Module):
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=p)
         else:
-            y = naive_attention(q, k, v, p)
+            y = blocked_attention(q, k, v, p)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -178,10 +178,10 @@ def matmul_attention(choice: str, q: torch.Tensor, S: int) -> bool:
     """Whether to attend with two matmuls and a softmax (`naive_attention`) instead of SDPA.
 
     "sdpa" never, "naive" always, "auto" on CPU in bf16 with up to 1024 keys: there oneDNN's bf16 GEMMs
-    (fused with the softmax by torch.compile) beat SDPA's CPU flash kernel, forward and backward: the
-    `small` training step runs 1.3x faster compiled, 1.15x eager (benchmarks/attention.py shows the
-    kernels alone). Everywhere else (GPUs, fp32, long sequences, where the T x S scores would be large)
-    SDPA is faster or needs far less memory."""
+    (in causal query blocks, fused with the softmax by torch.compile) beat SDPA's CPU flash kernel,
+    forward and backward: the compiled `small` training step at T=512 runs 1.4x faster
+    (benchmarks/attention.py shows the kernels alone). Everywhere else (GPUs, fp32, long sequences,
+    where the scores would be large) SDPA is faster or needs far less memory."""
     if choice == "auto":
         return q.device.type == "cpu" and q.dtype == torch.bfloat16 and S <= 1024
     return choice == "naive"
@@ -190,6 +190,21 @@ def matmul_attention(choice: str, q: torch.Tensor, S: int) -> bool:
 def causal_mask(T: int, S: int, device) -> torch.Tensor:
     """(T, S) boolean mask for T queries that are the last T of S positions: True = may attend."""
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                      block: int = 128) -> torch.Tensor:
+    """`naive_attention` one block of queries at a time, each against only the keys it can see: with
+    4 blocks a causal T x T attention computes 10/16 of the scores instead of all of them."""
+    T, S = q.size(-2), k.size(-2)
+    if T <= block:
+        return naive_attention(q, k, v, dropout_p)
+    outs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        seen = S - T + end  # the keys visible to the block's last query
+        outs.append(naive_attention(q[..., start:end, :], k[..., :seen, :], v[..., :seen, :], dropout_p))
+    return torch.cat(outs, dim=-2)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
