@@ -35,11 +35,14 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 
 
 def alternate(runs: dict[str, Callable[[], float | None]], rounds: int) -> dict[str, list[float]]:
-    """Call each contender once per round, in turn; a call returns its own measurement, or None to be
-    timed here (seconds). Returns every round's measurement per contender."""
+    """Call each contender once per round, in turn, each round starting one contender later (so no
+    contender always runs first, or always after the same one); a call returns its own measurement,
+    or None to be timed here (seconds). Returns every round's measurement per contender."""
     out: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = runs[name]
             t = time.perf_counter()
             value = run()
             out[name].append(time.perf_counter() - t if value is None else value)

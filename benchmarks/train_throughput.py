@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)  # a multiple of the 4 contenders: each runs first once
     ap.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout (its model.py is used)")
     ap.add_argument("--no-compile", action="store_true", help="eager modes only")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 step, eager: checks the script runs")
