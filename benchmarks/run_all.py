@@ -57,13 +57,16 @@ def chart(path: Path) -> None:
 
     decode = json.loads((RESULTS / "decode.json").read_text())
     ax = axes[0][1]
-    labels, vals = [], []
-    for r in decode["rows"]:
-        labels.append(f"{r['contender']}\nbatch {r['batch']}")
-        vals.append(r["tokens_per_s"] or 0)
-    ax.bar(range(len(vals)), vals, color="tab:green")
-    ax.set_xticks(range(len(vals)), labels, fontsize=7)
+    batches = sorted({r["batch"] for r in decode["rows"]})
+    names = list(dict.fromkeys(r["contender"] for r in decode["rows"]))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        vals = [next((r["tokens_per_s"] for r in decode["rows"] if r["contender"] == name and r["batch"] == b), 0)
+                for b in batches]
+        ax.bar([j + i * width for j in range(len(batches))], vals, width, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_title("decoding, tokens/s (greedy, 256 new tokens)")
+    ax.legend(fontsize=7)
 
     attn = json.loads((RESULTS / "attention.json").read_text())
     ax = axes[1][0]
@@ -85,7 +88,8 @@ def chart(path: Path) -> None:
     ax = axes[1][1]
     rows = prep["rows"]
     ax.bar(range(len(rows)), [r["mb_per_s"] for r in rows], color="tab:purple")
-    ax.set_xticks(range(len(rows)), [f"{r['input_mb']:.0f} MB\n{r['workers']} proc\n{r['peak_memory_mb']:.0f} MB peak"
+    ax.set_xticks(range(len(rows)), [f"{r['input_mb']:.0f} MB input\n{r.get('bucket_mb', 128)} MB buckets\n"
+                                     f"{r['workers']} thread(s)\n{r['peak_memory_mb']:.0f} MB peak"
                                      for r in rows], fontsize=7)
     ax.set_title("data prepare, MB/s")
     fig.suptitle(f"storygpt benchmarks, {train['date']}, {train['machine']}", fontsize=9)
