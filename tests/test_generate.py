@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -232,4 +233,17 @@ def test_compiled_decode_step_matches_eager(tiny_run):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     compiled = storygpt.load(tiny_run, dtype="fp32", compile=True)
     options = {"temperature": 0, "max_new_tokens": 40}
-    assert compiled.generate("Once upon a time", **options) == eager.generate("Once upon a time", **options)
+    want = eager.generate("Once upon a time", **options)
+    assert compiled.generate("Once upon a time", **options) == want
+    # threads share the compiled step; a new batch size compiles (under a lock) while others decode
+    results = {}
+
+    def story(n):
+        results[n] = compiled.generate("Once upon a time", num_samples=n, **options)
+
+    threads = [threading.Thread(target=story, args=(n,)) for n in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {n: [want] * n for n in (1, 2, 3)}
