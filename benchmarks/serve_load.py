@@ -1,6 +1,6 @@
 """Load on `storygpt serve`: N concurrent streaming completions through the `openai` client, on loopback.
 
-    python benchmarks/serve_load.py [--model DIR] [--requests 64] [--max-tokens 128] [--max-concurrency N] [--smoke]
+    python benchmarks/serve_load.py [--model DIR] [--requests 64] [--max-tokens 128] [--max-concurrency N] [--compile] [--smoke]
 
 Starts `storygpt serve` (default: the shipped model) on a free 127.0.0.1 port, sends one warm-up request, then
 all --requests streaming completions at once (seeds 0..N-1, sampled, so stories may end before --max-tokens).
@@ -38,6 +38,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--max-queue", str(args.requests)]
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--max-concurrency", str(args.max_concurrency)] if args.max_concurrency else []
+    cmd += ["--compile"] if args.compile else []
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = server.stdout.readline()  # "storygpt serve: http://127.0.0.1:PORT/v1 (...)" or EOF on failure
     if not line.startswith("storygpt serve: http"):
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="sent at once")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-concurrency", type=int, default=None, help="server workers (default: the server's)")
+    ap.add_argument("--compile", action="store_true", help="start the server with --compile")
     ap.add_argument("--timeout", type=float, default=600, help="seconds for the whole load")
     ap.add_argument("--smoke", action="store_true", help="8 requests of 8 tokens, nothing written")
     ap.add_argument("--out", default=str(RESULTS / "serve_load.json"))
@@ -106,7 +108,7 @@ def main() -> None:
     latencies, ttfts = [r["latency_s"] for r in ok], [r["ttft_s"] for r in ok]
     tokens = sum(r["tokens"] for r in ok)
     row = {"requests": args.requests, "concurrency": args.requests, "server_workers": health["max_concurrency"],
-           "max_tokens": args.max_tokens, "completed": len(ok), "failures": len(failures),
+           "compiled": args.compile, "max_tokens": args.max_tokens, "completed": len(ok), "failures": len(failures),
            "p50_latency_s": round(statistics.median(latencies), 2) if ok else None,
            "p99_latency_s": round(percentile(latencies, 99), 2) if ok else None,
            "p50_ttft_s": round(statistics.median(ttfts), 2) if ok else None,
@@ -118,7 +120,8 @@ def main() -> None:
     if not args.smoke:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"storygpt serve, model {model}, {row['server_workers']} workers; {result['machine']}")
+    print(f"storygpt serve{' --compile' if args.compile else ''}, model {model}, {row['server_workers']} workers; "
+          f"{result['machine']}")
     print("| requests | concurrency | max_tokens | p50 latency | p99 latency | p50 first token | tokens | tokens/s "
           "| failures |\n|---|---|---|---|---|---|---|---|---|")
     if ok:

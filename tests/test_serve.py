@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -432,3 +434,25 @@ def test_cli_serve_refuses_bad_input(tmp_path, tiny_run, capsys):
         assert code == 2 and "--port" in err
     finally:
         busy.close()
+
+
+def test_cli_serve_compiled(tiny_run, tiny, tmp_path):
+    """`storygpt serve --compile` compiles before it listens and answers as the eager model does (greedy),
+    for one story and, compiling a new batch size on the way, for two."""
+    cmd = [sys.executable, "-m", "storygpt", "serve", "--model", f"tiny={tiny_run}", "--port", "0", "--compile",
+           "--log-level", "warning"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("storygpt serve: http"), log.read_text()
+        client = OpenAI(base_url=line.split()[2], api_key="none", max_retries=0, timeout=120)
+        want = tiny.generate("Once upon a time", temperature=0, max_new_tokens=30)[len("Once upon a time"):]
+        one = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, temperature=0)
+        two = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, temperature=0, n=2)
+        assert [c.text for c in one.choices] == [want] and [c.text for c in two.choices] == [want, want]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "compiling tiny" in log.read_text()

@@ -127,7 +127,7 @@ def cmd_serve(args) -> None:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("STORYGPT_API_KEY"),
           max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-          log_level=args.log_level)
+          log_level=args.log_level, compile=args.compile)
 
 
 def cmd_export(args) -> None:
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile'd steps: ~2x one stream's tokens/s after a compile at start (seconds)")
     s.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="write a model for storygpt (e.g. fp16), transformers (hf) or llama2.c's run.c")
