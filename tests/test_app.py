@@ -12,7 +12,7 @@ import storygpt
 import storygpt.app as app_module
 from app_browser import CHROMIUM, running_app, write_story_in_browser
 from conftest import run_cli
-from storygpt.app import MODELS_ENV, find_models
+from storygpt.app import COMPILE_ENV, MODELS_ENV, find_models
 
 APP = str(Path(app_module.__file__))
 PROMPT = "Once upon a time, Tom had a"  # mid-sentence: the story cannot end at once
@@ -67,6 +67,21 @@ def test_click_writes_a_story_with_speed_and_history(app):
     assert len(at.get("download_button")) == 2  # all stories + this one
     write(at, "", max_new_tokens=16)  # an empty prompt is fine: a story from scratch
     assert len(at.session_state.history) == 2 and at.session_state.history[0]["story"].strip()
+
+
+def test_compiled_decoding_writes_the_same_story(tiny_run, monkeypatch):
+    """With `storygpt app --compile` the page's model decodes with compiled steps (loaded once, compiled
+    while loading), and a seeded story on the page is the one that model writes from Python."""
+    monkeypatch.setenv(MODELS_ENV, json.dumps([str(tiny_run)]))
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception
+    model = app_module.get_model(str(tiny_run), True)
+    assert model.decode_step is not None and model is not app_module.get_model(str(tiny_run), False)
+    settings = dict(seed=7, temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.2, max_new_tokens=24)
+    story = write(at, PROMPT, fresh_seed=False, **settings).session_state.history[0]["story"]
+    assert story.strip() and PROMPT + story == model.generate(PROMPT, **settings)
 
 
 def test_settings_reach_the_generator(app, tiny_run):

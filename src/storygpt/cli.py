@@ -117,7 +117,7 @@ def cmd_generate(args) -> None:
 def cmd_app(args) -> None:
     from .app import launch
 
-    code = launch(args.model, args.models_dir, host=args.host, port=args.port)
+    code = launch(args.model, args.models_dir, host=args.host, port=args.port, compile=args.compile)
     if code not in (0, -15):
         raise StoryGPTError(f"the web app stopped with exit code {code}")
 
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--models-dir", help="offer every model or run folder inside this directory")
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     a.add_argument("--port", type=int, default=8501)
+    a.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile'd steps: ~2x the words/s after a compile when a model loads")
     a.set_defaults(func=cmd_app)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not")
