@@ -316,7 +316,11 @@ def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = 
     amp = pick_dtype(device, tc.dtype)
     d, device = distributed.setup(device, tc.strategy)
     try:
-        return _train(run, cfg, data, meta, tokenizer, ckpt, device, amp, d, progress, until_step)
+        summary = _train(run, cfg, data, meta, tokenizer, ckpt, device, amp, d, progress, until_step)
+        # rank 0 exports the model after the loop: the others wait for it, so that no rank tears the
+        # process group down under one still using it (gloo could abort with "terminate called ...")
+        d.barrier()
+        return summary
     finally:
         distributed.teardown(d)
 
