@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,6 +63,23 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh folder beside `path` to fill; when the block ends without an error it replaces `path`
+    (an old one is removed), otherwise it is deleted: `path` is the old folder or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield work
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(work, path)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

@@ -18,11 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_dir
 from .errors import StoryGPTError
 from .tokenizer import EOS_TEXT, Tokenizer
 
@@ -226,10 +225,7 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
     total_bytes = sum(f.stat().st_size for f in files)
     n_buckets = max(1, math.ceil(total_bytes / bucket_bytes))
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as work:
         buckets = {(split, b): _Bucket(open(work / f"{split}_{b:05d}.tmp", "wb"), [])
                    for split in ("train", "val") for b in range(n_buckets)}
         stories = iter_stories(files, field)
@@ -283,12 +279,6 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
             raise StoryGPTError("no stories found in the input")
         tok.save(work / "tokenizer")
         (work / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     return meta
 
 

@@ -22,11 +22,11 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from .checkpoint import atomic_dir
 from .errors import StoryGPTError
 
 REPO = "roneneldan/TinyStories"
@@ -198,9 +198,7 @@ def extract_archive(archive: Path, dest: Path, progress: bool = True) -> list[Pa
     stamp = f"{archive.resolve().name} {archive.stat().st_size}"
     if marker.is_file() and marker.read_text() == stamp:
         return sorted(p for p in dest.rglob("*") if p.is_file() and p != marker)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as work:
         with tarfile.open(archive, "r:*") as tar:
             members = list(_safe_members(tar, archive))
             for m in tqdm(members, desc=f"extracting {archive.name}", unit="file", disable=not progress):
@@ -209,12 +207,6 @@ def extract_archive(archive: Path, dest: Path, progress: bool = True) -> list[Pa
                 else:
                     tar.extract(m, work)
         (work / marker.name).write_text(stamp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(work, dest)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     return sorted(p for p in dest.rglob("*") if p.is_file() and p != marker)
 
 
