@@ -159,8 +159,7 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.dropout if self.training else 0.0
         if mask is not None:  # one query over the whole buffer: two small matmuls that inductor fuses
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # beat SDPA's CPU kernel 3x here
-            y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype) @ v
+            y = naive_attention(q, k, v, mask=mask)  # beat SDPA's masked CPU kernel 3x here
         elif not matmul_attention(self.cfg.attention, q, k.size(-2)):
             S = k.size(-2)
             if T == S:
@@ -207,12 +206,16 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
     return torch.cat(outs, dim=-2)
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """The reference: softmax(QK^T / sqrt(d) + causal mask) V, materialising the T x S matrix."""
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: softmax(QK^T / sqrt(d) + mask) V, materialising the T x S matrix. `mask` (True = may
+    attend, broadcast over the scores) defaults to the causal mask of T queries that are the last T of S."""
     T, S = q.size(-2), k.size(-2)
+    if mask is None:
+        mask = causal_mask(T, S, q.device)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     # in bf16 the softmax accumulates in fp32 and rounds its output to bf16, as FlashAttention does
-    att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf")).softmax(dim=-1)
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     att = F.dropout(att, dropout_p)
     return att @ v
 
