@@ -60,8 +60,8 @@ def model_choices() -> dict[str, str | None]:
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def get_model(path: str | None, compile: bool = False) -> StoryModel:
     model = storygpt.load(path, compile=compile)
-    if compile:  # compile now, under the loading spinner, rather than in the first user's story
-        model.generate("", temperature=0, max_new_tokens=2, ignore_eos=True)
+    if compile:  # under the loading spinner
+        model.warm_up()
     return model
 
 

@@ -146,6 +146,11 @@ class StoryModel:
         thread-safe alternative to `last_stats` for servers running several calls at once."""
         return self._run(prompt, num_samples, SamplingOptions(**options), stats)
 
+    def warm_up(self) -> None:
+        """Decode two tokens, so that a compiled model (compile=True) compiles now, for one story at a
+        time, rather than in its first user's story."""
+        self.generate("", temperature=0, max_new_tokens=2, ignore_eos=True)
+
     def count_tokens(self, text: str) -> int:
         """Tokens `text` takes as a prompt (without the start-of-story token)."""
         return len(self.encode_prompt(text)) - 1
@@ -182,9 +187,8 @@ class StoryModel:
         cache = KVCache(model.cfg, n, self.device, self.dtype, max_len=ctx)
         emitted = [""] * n
         done = [False] * n
-        counts = [0] * n  # tokens made per sample
         reasons = ["length"] * n  # "stop": the story ended (end-of-story token or a stop string)
-        new_tokens, t0, first_token_s = 0, time.perf_counter(), None
+        t0, first_token_s = time.perf_counter(), None
         window = ids[:, max(0, P - (ctx - 1)):P]  # a prompt longer than the context keeps its last tokens
         logits, _ = model(window, cache=cache)
         hold = max((len(x) for x in opts.stop), default=1) - 1  # a stop string may still be forming
@@ -205,8 +209,6 @@ class StoryModel:
                 if done[i]:
                     continue
                 rows[i].append(picked[i])
-                counts[i] += 1
-                new_tokens += 1
                 text = tok.decode(rows[i])[len(base_text):]
                 cut = _first_stop(text, opts.stop)
                 if cut is not None:
@@ -234,6 +236,8 @@ class StoryModel:
             else:
                 logits, _ = model(nxt[:, None], cache=cache)
         elapsed = time.perf_counter() - t0
+        counts = [len(r) - P for r in rows]  # tokens made per sample
+        new_tokens = sum(counts)
         figures = {"new_tokens": new_tokens, "seconds": elapsed,
                    "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0,
                    "time_to_first_token_s": first_token_s or 0.0, "prompt_tokens": len(prompt_ids) - 1,

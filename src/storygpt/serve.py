@@ -904,7 +904,7 @@ def serve(models: Sequence[str | os.PathLike | None] | None = None, host: str = 
     if compile:  # after the thread count: compiled CPU kernels keep the one they were compiled with
         for name, model in loaded.items():
             print(f"storygpt serve: compiling {name} ...", file=sys.stderr, flush=True)
-            model.generate("", temperature=0, max_new_tokens=2, ignore_eos=True)
+            model.warm_up()
     if not is_loopback(host) and not api_key:
         print(f"storygpt serve: warning: listening on {host} without --api-key: anyone who can reach this port "
               f"can use the models", file=sys.stderr)
