@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import alternate, header, median, save, table
+from common import alternate, header, median, peak_rss_bytes, reset_peak_rss, save, table
 from storygpt.device import cpu_has_native_bf16
 from storygpt.model import blocked_attention, naive_attention
 
@@ -58,11 +58,6 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-
-
 def peak_memory(kind: str, T: int, dtype: str) -> int:
     """Bytes one forward+backward needs beyond its inputs: run once in a fresh process (a second run
     in the same process would reuse the first one's freed memory and hide the peak). The kernel's
@@ -71,8 +66,7 @@ def peak_memory(kind: str, T: int, dtype: str) -> int:
     grad = torch.randn(B, H, T, D).to(DTYPES[dtype])
     torch.empty(1).sum()  # start the thread pool before the baseline
     base = rss_bytes()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
+    reset_peak_rss()
     fwd_bwd(kind, q, k, v, grad)
     return max(peak_rss_bytes() - base, 0)
 

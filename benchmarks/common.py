@@ -34,6 +34,19 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / best
 
 
+def reset_peak_rss() -> None:
+    """Set this process's peak resident size (VmHWM) back to its current size (Linux): a forked child
+    otherwise starts with its parent's peak."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident size since it started or since `reset_peak_rss` (Linux)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
 def alternate(runs: dict[str, Callable[[], float | None]], rounds: int) -> dict[str, list[float]]:
     """Call each contender once per round, in turn, each round starting one contender later (so no
     contender always runs first, or always after the same one); a call returns its own measurement,

@@ -54,15 +54,16 @@ def make_input(path: Path, megabytes: float, source: Path | None) -> int:
 def run_one(text: Path, out: Path, workers: int, bucket_mb: int = 128) -> dict:
     """`prepare` in a fresh process: seconds and its peak resident memory (the kernel's mark is reset
     after the imports, since a forked child starts with its parent's peak)."""
-    code = ("import json, time\n"
+    code = ("import json, sys, time\n"
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from common import peak_rss_bytes, reset_peak_rss\n"
             "from storygpt.data import prepare\n"
-            "open('/proc/self/clear_refs', 'w').write('5')\n"
+            "reset_peak_rss()\n"
             "t = time.perf_counter()\n"
             f"prepare([{str(text)!r}], {str(default_model_path())!r}, {str(out)!r}, workers={workers}, "
             f"bucket_bytes={bucket_mb << 20}, progress=False)\n"
             "seconds = time.perf_counter() - t\n"
-            "peak_kb = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM:'))\n"
-            "print(json.dumps({'seconds': seconds, 'peak_kb': peak_kb}))\n")
+            "print(json.dumps({'seconds': seconds, 'peak_kb': peak_rss_bytes() // 1024}))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
