@@ -139,16 +139,15 @@ def llama2c_weights(net: Transformer) -> tuple[list[int], list[torch.Tensor]]:
     layers = list(net.layers)
     qkv = [_split_qkv(net, layer) for layer in layers]
     gate_up = [layer.mlp.w_gate_up.weight.detach().chunk(2) for layer in layers]
-    # the RoPE tables run.c skips over (it computes the rotation itself), kept for the format's sake
-    freqs = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim)
-    angles = torch.outer(torch.arange(c.max_seq_len).float(), freqs)
     tensors = [net.tok_emb.weight.detach(),
                *(layer.attn_norm.weight.detach() for layer in layers),
                *(q for q, _, _ in qkv), *(k for _, k, _ in qkv), *(v for _, _, v in qkv),
                *(layer.attn.wo.weight.detach() for layer in layers),
                *(layer.mlp_norm.weight.detach() for layer in layers),
                *(g for g, _ in gate_up), *(layer.mlp.w_down.weight.detach() for layer in layers),
-               *(u for _, u in gate_up), net.norm.weight.detach(), angles.cos(), angles.sin()]
+               *(u for _, u in gate_up), net.norm.weight.detach(),
+               # RoPE tables (run.c skips them and rotates by itself): the model's, one cos and sin per pair
+               net.rope_cos[:, ::2], net.rope_sin[:, 1::2]]
     if not c.tie_embeddings:
         tensors.append(net.output.weight.detach())
     return header, tensors
