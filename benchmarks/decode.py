@@ -80,18 +80,15 @@ def build_run_c(llama2c: Path, work: Path) -> Path:
 
 
 def run_c_contender(binary: Path, l2c_dir: Path, new_tokens: int):
-    def run(batch: int, n: int = new_tokens) -> float:
+    def greedy(n: int) -> subprocess.CompletedProcess:
         # -n counts forward passes: from the start token, n of them make n new tokens
-        out = subprocess.run([str(binary), str(l2c_dir / "model.bin"), "-z", str(l2c_dir / "tokenizer.bin"),
-                              "-t", "0", "-n", str(n)], capture_output=True, text=True, check=True)
-        return float(re.search(r"achieved tok/s: ([\d.]+)", out.stderr).group(1))
+        return subprocess.run([str(binary), str(l2c_dir / "model.bin"), "-z", str(l2c_dir / "tokenizer.bin"),
+                               "-t", "0", "-n", str(n)], capture_output=True, text=True, check=True)
 
-    def text(n: int) -> str:
-        out = subprocess.run([str(binary), str(l2c_dir / "model.bin"), "-z", str(l2c_dir / "tokenizer.bin"),
-                              "-t", "0", "-n", str(n)], capture_output=True, text=True, check=True)
-        return out.stdout
+    def run(batch: int, n: int = new_tokens) -> float:
+        return float(re.search(r"achieved tok/s: ([\d.]+)", greedy(n).stderr).group(1))
 
-    return run, text
+    return run, lambda n: greedy(n).stdout
 
 
 def first_token(run, batch: int):
