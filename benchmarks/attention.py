@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common import alternate, header, median, peak_rss_bytes, reset_peak_rss, save, table
-from storygpt.device import cpu_has_native_bf16
+from storygpt.device import DTYPES, cpu_has_native_bf16
 from storygpt.model import blocked_attention, naive_attention
 
 B, H, D = 4, 4, 64
@@ -37,9 +37,6 @@ def attend(kind: str, q, k, v):
     if kind == "blocked":
         return blocked_attention(q, k, v)
     return naive_attention(q, k, v)
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def inputs(T: int, dtype: str = "fp32"):

@@ -35,7 +35,7 @@ import torch
 from common import alternate, header, median, save, table
 
 import storygpt
-from storygpt.device import pick_dtype
+from storygpt.device import DTYPES, pick_dtype
 from storygpt.export import export_hf, export_llama2c
 
 
@@ -123,8 +123,7 @@ def main() -> None:
             for compiled in ([False] if args.no_compile else [False, True]):
                 name = f"storygpt {dt}" + (" compiled" if compiled else "")
                 contenders[name] = (dt, storygpt_contender(path, dt, compiled, args.new_tokens)[1])
-            contenders[f"transformers {dt}"] = (dt, hf_contender(work / "hf", getattr(torch, {"bf16": "bfloat16",
-                                                "fp32": "float32"}[dt]), start_id, args.new_tokens)[1])
+            contenders[f"transformers {dt}"] = (dt, hf_contender(work / "hf", DTYPES[dt], start_id, args.new_tokens)[1])
         check = None
         if args.llama2c:
             binary = build_run_c(args.llama2c, work)
