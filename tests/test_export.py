@@ -9,29 +9,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from llama_ref import SHAPES, random_model_dir, read_llama2c, run_c_forward
 
 from storygpt.checkpoint import load_model, save_model_dir
 from storygpt.export import export_model
 from storygpt.model import ModelConfig, Transformer
 from storygpt.tokenizer import Tokenizer
 
-SHAPES = {
-    "tied": dict(dim=64, n_layers=2, n_heads=4),
-    "gqa+untied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=False),
-}
-
-
 @pytest.fixture(params=list(SHAPES))
 def model_dir(request, tmp_path, tokenizer_dir):
-    tok = Tokenizer.load(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, **SHAPES[request.param])
-    net = Transformer(cfg)
-    with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows
-        for name, p in net.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return save_model_dir(tmp_path / "model", cfg, net.state_dict(), tok, {})
+    return random_model_dir(tmp_path / "model", Tokenizer.load(tokenizer_dir), SHAPES[request.param])
 
 
 def prompt_ids(model_dir) -> torch.Tensor:
@@ -64,72 +51,6 @@ def test_hf_export_matches(model_dir, tmp_path):
     start = torch.tensor([[tok.eos_id] + tok.encode("Tom and Mia")])
     gen = hf.generate(start, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_id, eos_token_id=tok.eos_id)
     assert tok.decode(gen[0].tolist()) == story
-
-
-def read_llama2c(path) -> tuple[dict, dict]:
-    """model.bin as run.c's memory_map_weights reads it."""
-    raw = path.read_bytes()
-    dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack("7i", raw[:28])
-    shared = vocab > 0
-    vocab, hs = abs(vocab), dim // heads
-    kv_dim = kv_heads * hs
-    w = np.frombuffer(raw[28:], dtype=np.float32)
-    shapes = [("emb", (vocab, dim)), ("rms_att", (layers, dim)), ("wq", (layers, dim, dim)),
-              ("wk", (layers, kv_dim, dim)), ("wv", (layers, kv_dim, dim)), ("wo", (layers, dim, dim)),
-              ("rms_ffn", (layers, dim)), ("w1", (layers, hidden, dim)), ("w2", (layers, dim, hidden)),
-              ("w3", (layers, hidden, dim)), ("rms_final", (dim,)), ("freq_real", (seq_len, hs // 2)),
-              ("freq_imag", (seq_len, hs // 2))]
-    if not shared:
-        shapes.append(("wcls", (vocab, dim)))
-    out, at = {}, 0
-    for name, shape in shapes:
-        n = int(np.prod(shape))
-        out[name] = w[at:at + n].reshape(shape)
-        at += n
-    assert at == w.size, "model.bin has trailing or missing floats"
-    out.setdefault("wcls", out["emb"])
-    cfg = dict(dim=dim, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab, seq_len=seq_len)
-    return cfg, out
-
-
-def run_c_forward(cfg: dict, w: dict, tokens: list[int]) -> np.ndarray:
-    """run.c's forward(), one position at a time, in NumPy: logits (T, vocab)."""
-    dim, heads, kv_heads = cfg["dim"], cfg["heads"], cfg["kv_heads"]
-    hs = dim // heads
-    kv_dim = kv_heads * hs
-
-    def rmsnorm(x, g):
-        return g * (x / np.sqrt(np.mean(x * x) + 1e-5))
-
-    keys = np.zeros((cfg["layers"], len(tokens), kv_dim), np.float32)
-    values = np.zeros_like(keys)
-    logits = []
-    for pos, token in enumerate(tokens):
-        x = w["emb"][token].copy()
-        for li in range(cfg["layers"]):
-            xb = rmsnorm(x, w["rms_att"][li])
-            q, k, v = w["wq"][li] @ xb, w["wk"][li] @ xb, w["wv"][li] @ xb
-            for i in range(0, dim, 2):  # RoPE on consecutive pairs, base 10000, as run.c writes it
-                angle = pos * (1.0 / 10000.0 ** ((i % hs) / hs))
-                fcr, fci = np.cos(angle), np.sin(angle)
-                for vec in ((q, k) if i < kv_dim else (q,)):
-                    v0, v1 = vec[i], vec[i + 1]
-                    vec[i], vec[i + 1] = v0 * fcr - v1 * fci, v0 * fci + v1 * fcr
-            keys[li, pos], values[li, pos] = k, v
-            att_out = np.zeros(dim, np.float32)
-            for h in range(heads):
-                kvh = h // (heads // kv_heads)
-                kh = keys[li, :pos + 1, kvh * hs:(kvh + 1) * hs]
-                scores = kh @ q[h * hs:(h + 1) * hs] / np.sqrt(hs)
-                p = np.exp(scores - scores.max())
-                p /= p.sum()
-                att_out[h * hs:(h + 1) * hs] = p @ values[li, :pos + 1, kvh * hs:(kvh + 1) * hs]
-            x = x + w["wo"][li] @ att_out
-            xb = rmsnorm(x, w["rms_ffn"][li])
-            h1, h3 = w["w1"][li] @ xb, w["w3"][li] @ xb
-            x = x + w["w2"][li] @ (h1 / (1 + np.exp(-h1)) * h3)
-        logits.append(w["wcls"] @ rmsnorm(x, w["rms_final"]))
-    return np.stack(logits)
 
 
 def test_llama2c_export_matches_run_c(model_dir, tmp_path):

@@ -139,6 +139,16 @@ def cmd_export(args) -> None:
     print(f"-> {out} ({args.format}, {size / 1e6:.1f} MB, {dtype})")
 
 
+def cmd_import(args) -> None:
+    from .importer import import_model
+
+    out = import_model(args.source, args.out, args.format, tokenizer=args.tokenizer, dtype=args.dtype)
+    params = json.loads((out / "config.json").read_text())["storygpt"]["params"]
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"-> {out} (storygpt model from {args.format} {args.source}: {params / 1e6:.2f}M params, "
+          f"{size / 1e6:.1f} MB, {args.dtype})")
+
+
 def cmd_presets(args) -> None:
     from .model import PRESETS, Transformer
 
@@ -270,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="storygpt", choices=["storygpt", "hf", "llama2c"])
     x.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="weights (llama2c: always fp32)")
     x.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="make a storygpt model of a llama2.c model.bin or a transformers llama folder")
+    im.add_argument("source", help="llama2c: the model.bin (version 0); hf: the LlamaForCausalLM folder")
+    im.add_argument("--format", required=True, choices=["llama2c", "hf"])
+    im.add_argument("--tokenizer", help="the SentencePiece .model (llama2c: required; hf: default SOURCE/tokenizer.model)")
+    im.add_argument("--out", required=True, help="the model directory to write")
+    im.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    im.set_defaults(func=cmd_import)
 
     pr = sub.add_parser("presets", help="list the model presets and their parameter counts")
     pr.set_defaults(func=cmd_presets)

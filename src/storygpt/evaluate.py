@@ -81,14 +81,16 @@ def summarize(nats: float, tokens: int, nbytes: int) -> dict:
 
 
 def text_stream(tokenizer: Tokenizer, files: list[str | os.PathLike]) -> tuple[np.ndarray, int]:
-    """Tokens of the stories in `files` (EOS first and after each story) and their UTF-8 byte count."""
+    """Tokens of the stories in `files` (EOS first and after each story; where the start-of-story token
+    differs, as in some imported models: BOS, story, EOS for each) and their UTF-8 byte count."""
     stories = list(iter_stories(expand_inputs(files)))
     if not stories:
         raise StoryGPTError("no text to evaluate")
-    ids = [tokenizer.eos_id]
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    start = [] if bos == eos else [bos]  # one token that both ends a story and starts the next: not repeated
+    ids = [eos] if bos == eos else []
     for seq in tokenizer.encode_batch(stories):
-        ids.extend(seq)
-        ids.append(tokenizer.eos_id)
+        ids.extend(start + seq + [eos])
     return np.asarray(ids, dtype=np.int64), sum(len(s.encode("utf-8")) for s in stories)
 
 

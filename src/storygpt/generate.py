@@ -164,7 +164,7 @@ class StoryModel:
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise StoryGPTError("prompt must be text")
-        return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
+        return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
 
     @torch.inference_mode()
     def _run(self, prompt: str, n: int, opts: SamplingOptions,

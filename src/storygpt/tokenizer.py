@@ -1,13 +1,18 @@
 """Tokenizers: SentencePiece unigram, BPE and char-level models behind one `Tokenizer` class.
 
 All three are SentencePiece models trained with the same settings, so they share every behaviour:
-- one end-of-story token (`eos_id`); TinyStories' `<|endoftext|>` separator encodes to it,
+- one end-of-story token (`eos_id`); TinyStories' `<|endoftext|>` separator encodes to it, and it
+  also starts a story (`bos_id` defaults to it),
 - byte fallback, so no text is ever unknown (any UTF-8 round-trips exactly),
 - identity normalization and kept whitespace, so `decode(encode(text)) == text`,
 - "\\n" is its own token, so paragraphs survive.
 
 A tokenizer directory holds `tokenizer.model` (the SentencePiece proto) and `tokenizer.json`
 (type, vocab size, checksum). Model directories embed the same two files.
+
+Imported models (see importer.py) bring conventions of their own: `tokenizer.json` may set `eos_id`
+and `bos_id` (the token a story starts with), which override the SentencePiece model's. llama2.c
+starts and ends stories with its BOS (id 1); a Hugging Face llama may start with BOS and end with EOS.
 """
 
 from __future__ import annotations
@@ -32,13 +37,18 @@ META_FILE = "tokenizer.json"
 class Tokenizer:
     """A SentencePiece model plus the conventions storygpt relies on (EOS, byte fallback)."""
 
-    def __init__(self, model_proto: bytes, type: str = "unigram"):
+    def __init__(self, model_proto: bytes, type: str = "unigram", eos_id: int | None = None,
+                 bos_id: int | None = None):
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(model_proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with long messages
             raise StoryGPTError(f"not a SentencePiece model ({str(e).splitlines()[0]})") from None
-        if self.sp.eos_id() < 0:
+        self._eos_id, self._bos_id = eos_id, bos_id  # overrides of the SentencePiece model's ids
+        for name, i in (("end", eos_id), ("start", bos_id)):
+            if i is not None and not (isinstance(i, int) and 0 <= i < self.sp.vocab_size()):
+                raise StoryGPTError(f"{name}-of-story token id {i!r} is not in the vocabulary")
+        if self.eos_id < 0:
             raise StoryGPTError("tokenizer has no end-of-story token")
         self.type = type
         self.model_proto = model_proto
@@ -51,7 +61,13 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int:
-        return self.sp.eos_id()
+        """The token that ends a story."""
+        return self.sp.eos_id() if self._eos_id is None else self._eos_id
+
+    @property
+    def bos_id(self) -> int:
+        """The token that starts a story (storygpt's own tokenizers: the end-of-story token)."""
+        return self.eos_id if self._bos_id is None else self._bos_id
 
     def encode(self, text: str, eos: bool = False) -> list[int]:
         """Token ids of `text`. `<|endoftext|>` inside the text becomes `eos_id`; `eos=True` appends one."""
@@ -73,9 +89,9 @@ class Tokenizer:
         return self.sp.encode(texts, num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; the end-of-story token decodes to nothing."""
-        eos = self.eos_id
-        return self.sp.decode([int(i) for i in ids if int(i) != eos])
+        """Text of `ids`; the start- and end-of-story tokens decode to nothing."""
+        drop = {self.eos_id, self.bos_id}
+        return self.sp.decode([int(i) for i in ids if int(i) not in drop])
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
@@ -87,6 +103,8 @@ class Tokenizer:
         (out / MODEL_FILE).write_bytes(self.model_proto)
         meta = {"type": self.type, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                 "sha256": self.checksum}
+        if self.bos_id != self.eos_id:
+            meta["bos_id"] = self.bos_id
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return out
 
@@ -106,7 +124,8 @@ class Tokenizer:
                 meta = json.loads((path / META_FILE).read_text())
             except json.JSONDecodeError:
                 raise StoryGPTError(f"{path / META_FILE}: not valid JSON") from None
-        tok = cls((path / MODEL_FILE).read_bytes(), type=meta.get("type", "unigram"))
+        tok = cls((path / MODEL_FILE).read_bytes(), type=meta.get("type", "unigram"),
+                  eos_id=meta.get("eos_id"), bos_id=meta.get("bos_id"))
         return tok
 
     def __repr__(self) -> str:
