@@ -224,3 +224,17 @@ def test_suite_bad_input_one_line_exit_2_nothing_written(case, tiny_run, suite_i
     code, _, err = run_cli(args, capsys)
     assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
     assert (not out.exists()) if case != "out_is_busy" else [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_suite_record_keeps_the_measures_in_the_model_dir(tiny_run, suite_inputs, tmp_path, capsys):
+    import shutil
+
+    model_dir = shutil.copytree(tiny_run / "model", tmp_path / "model")
+    code, _, err = run_cli(["eval", "--suite", "stories", "--model", model_dir, "--prompts", suite_inputs["prompts"],
+                            "--samples", 1, "--max-new-tokens", 8, "--grammar-pairs", 2, "--out", tmp_path / "r",
+                            "--record", "--quiet"], capsys)
+    assert code == 0, err
+    kept = json.loads((model_dir / "config.json").read_text())["storygpt"]["suite"]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert kept["measures"]["cloze"] == report["models"]["model"]["cloze"] and "samples" not in kept["measures"]
+    assert kept["settings"]["samples"] == 1

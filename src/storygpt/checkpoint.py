@@ -150,6 +150,18 @@ def record_eval(model_dir: str | os.PathLike, name: str, result: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
 
+def record_suite(model_dir: str | os.PathLike, result: dict, settings: dict) -> None:
+    """Keep a story-quality suite result (`eval --suite stories --record`) in a model directory's
+    config.json, under storygpt.suite: the measures (without the sample stories) and the settings."""
+    path = Path(model_dir) / "config.json"
+    if not (Path(model_dir) / WEIGHTS).is_file() or not path.is_file():
+        raise StoryGPTError(f"{model_dir}: --record needs a model directory (a run's is RUN/model)")
+    meta = json.loads(path.read_text())
+    measures = {k: v for k, v in result.items() if k not in ("samples", "path")}
+    meta.setdefault("storygpt", {})["suite"] = {"measures": measures, "settings": settings}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 

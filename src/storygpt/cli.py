@@ -65,6 +65,13 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.suite:
+        return cmd_eval_suite(args)
+    if len(args.model or []) > 1:
+        raise StoryGPTError("eval: one --model at a time (several with --suite stories)")
+    if not args.text and not args.data:
+        raise StoryGPTError("eval: give --text FILE... or --data DIR (or --suite stories)")
+    args.model = args.model[0] if args.model else None
     from .evaluate import evaluate
 
     result = evaluate(args.model, text=args.text, data=args.data, split=args.split, device=args.device,
@@ -81,6 +88,33 @@ def cmd_eval(args) -> None:
     else:
         print(f"loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.2f} | "
               f"{result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens, {result['bytes']:,} bytes")
+
+
+def cmd_eval_suite(args) -> None:
+    from .suite import SuiteConfig, run_suite
+    from .suite_report import check_out, write_report
+
+    if args.data:
+        raise StoryGPTError("eval --suite: held-out text is given with --text, not --data")
+    if not args.out:
+        raise StoryGPTError("eval --suite: give --out DIR for the report")
+    check_out(args.out)
+    cfg = SuiteConfig(text=args.text or [], train=args.train or [], cloze=args.cloze, prompts=args.prompts,
+                      samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, dtype=args.dtype, device=args.device,
+                      grammar_per_phenomenon=args.grammar_pairs)
+    report = run_suite(args.model or ["default"], cfg, progress=not args.quiet)
+    out = write_report(report, args.out)
+    if args.record:
+        from .checkpoint import record_suite
+
+        for result in report["models"].values():
+            record_suite(result["path"], result, report["suite"])
+    if args.json:
+        print((out / "report.json").read_text(), end="")
+    else:
+        print((out / "report.md").read_text().split("\n## ")[0].rstrip())
+        print(f"-> {out}/report.json, report.md, *.png")
 
 
 def cmd_generate(args) -> None:
@@ -214,10 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="loss, perplexity and bits per byte on text or prepared data")
-    e.add_argument("--model", default=None, help="model or run directory (default: the shipped model)")
-    src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", nargs="+", help="text files (TinyStories .txt format or plain text)")
+    e = sub.add_parser("eval", help="bits per byte on text or prepared data; --suite stories: the story-quality suite")
+    e.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
+                   help="model or run directory (default: the shipped model); repeatable with --suite")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--text", nargs="+", help="text files (TinyStories .txt format or plain text); "
+                     "with --suite: held-out stories for bits/byte and continuation")
     src.add_argument("--data", help="prepared data directory")
     e.add_argument("--split", default="val")
     e.add_argument("--device", default="auto")
@@ -226,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None, help="window stride (default: half the context)")
     e.add_argument("--json", action="store_true")
     e.add_argument("--record", action="store_true", help="keep the result in the model directory's config.json")
+    q = e.add_argument_group("story-quality suite (--suite stories)")
+    q.add_argument("--suite", choices=["stories"], help="grade the models' stories: cloze, grammar, continuation, "
+                   "and measures of completions of the paper's 44 story beginnings")
+    q.add_argument("--out", help="report folder: report.json, report.md, *.png")
+    q.add_argument("--train", nargs="+", help="training stories, for the novelty (memorisation) measures")
+    q.add_argument("--cloze", help="cloze items, one JSON object a line (default: the package's)")
+    q.add_argument("--prompts", help="YAML list of story beginnings (default: the paper's, shipped with the package)")
+    q.add_argument("--samples", type=int, default=10, help="completions per story beginning")
+    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--top-p", type=float, default=1.0)
+    q.add_argument("--max-new-tokens", type=int, default=256)
+    q.add_argument("--grammar-pairs", type=int, default=100, help="minimal pairs per grammar phenomenon")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="write a story from a prompt")
