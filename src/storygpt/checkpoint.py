@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,11 +109,56 @@ def checkpoint_weights(path: str | os.PathLike, ckpt: dict, cfg: ModelConfig) ->
     """
     if "model" in ckpt:
         return ckpt["model"]
-    from .distributed import load_sharded
-
     model = Transformer(cfg)
     load_sharded(Path(path).parent / ckpt["dcp"], model, None, collective=False)
     return model.state_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP): torch.distributed.checkpoint, one file per rank, any world size on load
+# (distributed.save_sharded_checkpoint writes them during training; any process can read them here)
+# --------------------------------------------------------------------------------------------
+def save_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Every rank writes its shards of the weights and optimizer state into the folder `path` (collective).
+
+    An optimizer that has not stepped yet has no state, and is left out: asking torch for its state
+    dict would make it initialize the state with a zero-lr step, which shifts Adam's bias correction.
+    Returns whether the optimizer state was saved.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    if optimizer.state:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=str(path))
+    return "optim" in state
+
+
+def load_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 collective: bool) -> None:
+    """Load a sharded checkpoint into `model` (and `optimizer`, when given), whatever world size wrote it.
+
+    collective: True when `model` is FSDP-sharded over the current process group (all ranks call this
+    together); False for a plain model, which each process then reads whole on its own.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    with warnings.catch_warnings():  # "torch.distributed is uninitialized, assuming a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        if optimizer is None:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+            state = {"model": get_model_state_dict(model)}
+            dcp.load(state, checkpoint_id=str(path), no_dist=not collective)
+            set_model_state_dict(model, state["model"])
+            return
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path), no_dist=not collective)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
 
 
 # --------------------------------------------------------------------------------------------

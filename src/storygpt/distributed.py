@@ -16,12 +16,13 @@ import contextlib
 import os
 import shutil
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .checkpoint import save_checkpoint, save_sharded
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -157,57 +158,13 @@ def grad_sync(wrapped: torch.nn.Module, sync: bool):
 
 
 # --------------------------------------------------------------------------------------------
-# Sharded checkpoints (FSDP): torch.distributed.checkpoint, one file per rank, any world size on load
+# Sharded checkpoints (FSDP): the folder is written by checkpoint.save_sharded, read by checkpoint.load_sharded
 # --------------------------------------------------------------------------------------------
-def save_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """Every rank writes its shards of the weights and optimizer state into the folder `path` (collective).
-
-    An optimizer that has not stepped yet has no state, and is left out: asking torch for its state
-    dict would make it initialize the state with a zero-lr step, which shifts Adam's bias correction.
-    Returns whether the optimizer state was saved.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    state = {"model": get_model_state_dict(model)}
-    if optimizer.state:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(path))
-    return "optim" in state
-
-
-def load_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                 collective: bool) -> None:
-    """Load a sharded checkpoint into `model` (and `optimizer`, when given), whatever world size wrote it.
-
-    collective: True when `model` is FSDP-sharded over the current process group (all ranks call this
-    together); False for a plain model, which each process then reads whole on its own.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    with warnings.catch_warnings():  # "torch.distributed is uninitialized, assuming a single process": yes
-        warnings.simplefilter("ignore", UserWarning)
-        if optimizer is None:
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-            state = {"model": get_model_state_dict(model)}
-            dcp.load(state, checkpoint_id=str(path), no_dist=not collective)
-            set_model_state_dict(model, state["model"])
-            return
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path), no_dist=not collective)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
 def save_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
                             d: Dist) -> None:
     """An FSDP checkpoint (collective): all ranks write their shards into a new folder next to `path`, then
     rank 0 writes `path` (the step, RNG states, ... and the folder's name) atomically, then deletes older
     folders. Killed at any moment, `path` still names a complete checkpoint."""
-    from .checkpoint import save_checkpoint
-
     prefix = f"{path.stem}.dcp-"
     folder = d.share(f"{prefix}{meta['step']:08d}-{uuid.uuid4().hex[:8]}")  # one name for all ranks
     has_optimizer = save_sharded(path.parent / folder, model, optimizer)  # returns once all shards are written

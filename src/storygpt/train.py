@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import BEST, LATEST, checkpoint_weights, load_checkpoint, save_checkpoint, save_model_dir
+from .checkpoint import (BEST, LATEST, checkpoint_weights, load_checkpoint, load_sharded, save_checkpoint,
+                         save_model_dir)
 from .config import RunConfig, apply_overrides, build_config
 from .data import TokenData, read_meta
 from .device import autocast, maybe_compile, pick_device, pick_dtype
@@ -125,8 +126,8 @@ def restore_weights(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: t
     """Load a checkpoint's weights and optimizer state: a plain one (one process or DDP) or a sharded one
     (FSDP; loads on any number of ranks, FSDP or not)."""
     if "dcp" in ckpt:  # a checkpoint from before the first step has no optimizer state
-        distributed.load_sharded(path.parent / ckpt["dcp"], model, optimizer if ckpt["dcp_optimizer"] else None,
-                                 collective=fsdp)
+        load_sharded(path.parent / ckpt["dcp"], model, optimizer if ckpt["dcp_optimizer"] else None,
+                     collective=fsdp)
     elif fsdp:
         raise StoryGPTError(f"{path}: this run was trained with ddp or in one process; resume it with --strategy ddp")
     else:
