@@ -168,6 +168,12 @@ def cmd_export(args) -> None:
     from .export import export_model
 
     out = export_model(args.model, args.out, args.dtype, args.format)
+    if args.format == "gguf":
+        from .gguf_export import GGUF_FILE, gguf_dtype
+
+        f = out / GGUF_FILE
+        print(f"-> {f} (gguf, {f.stat().st_size / 1e6:.1f} MB, {gguf_dtype(args.dtype)})")
+        return
     size = sum(f.stat().st_size for f in out.iterdir())
     dtype = "fp32" if args.format == "llama2c" else args.dtype
     print(f"-> {out} ({args.format}, {size / 1e6:.1f} MB, {dtype})")
@@ -324,11 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode with torch.compile'd steps: ~2x one stream's tokens/s after a compile at start (seconds)")
     s.set_defaults(func=cmd_serve)
 
-    x = sub.add_parser("export", help="write a model for storygpt (e.g. fp16), transformers (hf) or llama2.c's run.c")
+    x = sub.add_parser("export", help="write a model for storygpt (e.g. fp16), transformers (hf), llama2.c's run.c "
+                                      "or llama.cpp (gguf)")
     x.add_argument("--model", required=True, help="run or model directory")
     x.add_argument("--out", required=True)
-    x.add_argument("--format", default="storygpt", choices=["storygpt", "hf", "llama2c"])
-    x.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="weights (llama2c: always fp32)")
+    x.add_argument("--format", default="storygpt", choices=["storygpt", "hf", "llama2c", "gguf"])
+    x.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "f32", "f16", "q8_0"],
+                   help="weights: fp32|fp16|bf16 (llama2c: always fp32); gguf: f32|f16|q8_0 (fp32/fp16 accepted)")
     x.set_defaults(func=cmd_export)
 
     im = sub.add_parser("import", help="make a storygpt model of a llama2.c model.bin or a transformers llama folder")

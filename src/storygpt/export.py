@@ -5,8 +5,9 @@
   generation_config.json, the SentencePiece tokenizer.model): `LlamaForCausalLM.from_pretrained(DIR)`.
 - `llama2c`: llama2.c's `model.bin` (version-0 format, fp32) and `tokenizer.bin`, for
   `./run model.bin -z tokenizer.bin`.
+- `gguf`: llama.cpp's `model.gguf` in f32, f16 or q8_0 (see gguf_export.py).
 
-    storygpt export --model RUN --out DIR [--format storygpt|hf|llama2c] [--dtype fp16]
+    storygpt export --model RUN --out DIR [--format storygpt|hf|llama2c|gguf] [--dtype fp16]
 
 Layouts: storygpt rotates consecutive pairs of each head's query/key dims (Meta's and llama2.c's
 layout), so llama2.c takes the weights as they are; `transformers` rotates the two halves of each head
@@ -30,17 +31,21 @@ from .errors import StoryGPTError
 from .model import Transformer
 from .tokenizer import Tokenizer
 
-FORMATS = ("storygpt", "hf", "llama2c")
+FORMATS = ("storygpt", "hf", "llama2c", "gguf")
 
 
 def export_model(model: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16",
                  format: str = "storygpt") -> Path:
     """Write `model` (a run or model directory) to `out` in `format`, floating weights in `dtype`
-    (llama2c is always fp32: run.c reads nothing else)."""
+    (llama2c is always fp32: run.c reads nothing else; gguf: f32, f16 or q8_0, fp32/fp16 as aliases)."""
     if format not in FORMATS:
         raise StoryGPTError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if dtype not in DTYPES:
-        raise StoryGPTError(f"dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    if format == "gguf":
+        from .gguf_export import gguf_dtype
+
+        dtype = gguf_dtype(dtype)
+    elif dtype not in DTYPES:
+        raise StoryGPTError(f"dtype must be fp32, fp16 or bf16 for {format}, got {dtype!r}")
     if Path(out).resolve() == Path(model).resolve():
         raise StoryGPTError("--out must differ from --model")
     net, tokenizer, info = load_model(model)
@@ -48,6 +53,10 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, dtype: str = 
         return save_model_dir(out, net.cfg, net.state_dict(), tokenizer, info, dtype=DTYPES[dtype])
     if format == "hf":
         return export_hf(net, tokenizer, out, DTYPES[dtype])
+    if format == "gguf":
+        from .gguf_export import export_gguf
+
+        return export_gguf(net, tokenizer, out, dtype, name=Path(model).resolve().name)
     return export_llama2c(net, tokenizer, out)
 
 
