@@ -108,7 +108,9 @@ class TrainingIndex:
             return 0, 0
         grams = ngrams_array(ids, 4)
         known = (grams >= 0).all(axis=1)
-        hits = np.isin(_hash_rows(grams[known]), self.fourgrams).sum()
+        hashes = _hash_rows(grams[known])
+        at = np.minimum(np.searchsorted(self.fourgrams, hashes), max(len(self.fourgrams) - 1, 0))
+        hits = (self.fourgrams[at] == hashes).sum() if len(self.fourgrams) else 0
         return int(hits), len(grams)
 
 
