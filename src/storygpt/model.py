@@ -172,6 +172,35 @@ class Attention(nn.Module):
             y = blocked_attention(q, k, v, p)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
+    def forward_rows(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_buf: torch.Tensor,
+                     v_buf: torch.Tensor, slots: torch.Tensor | slice, pos: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+        """One new token per row (x: (B, 1, dim)), row b in row `slots[b]` of the cache buffers at its own
+        position `pos[b]`: its key/value are written there, and its query attends to the first
+        `mask.size(-1)` entries of that cache row with `mask` (B, 1, 1, S) hiding those past `pos[b]`.
+        `slots` is a long tensor (B,) or, for rows next to each other in the cache, a slice (then the keys
+        are read in place instead of gathered)."""
+        B = x.size(0)
+        qkv = self.wqkv(x).view(B, 1, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
+        if rope is not None:  # cos/sin (B, 1, D): each row its own angle
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        q = q.transpose(1, 2)
+        S = mask.size(-1)
+        if isinstance(slots, slice):
+            rows = torch.arange(slots.start, slots.stop, device=x.device)
+            k_buf[rows, :, pos], v_buf[rows, :, pos] = k[:, 0], v[:, 0]
+            keys, values = k_buf[slots, :, :S], v_buf[slots, :, :S]
+        else:
+            k_buf[slots, :, pos], v_buf[slots, :, pos] = k[:, 0], v[:, 0]
+            keys, values = k_buf[:, :, :S].index_select(0, slots), v_buf[:, :, :S].index_select(0, slots)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+        y = naive_attention(q, keys, values, mask=mask)  # (B, heads, 1, head_dim)
+        return self.wo(y.transpose(1, 2).reshape(B, 1, -1))
+
 
 def matmul_attention(choice: str, q: torch.Tensor, S: int) -> bool:
     """Whether to attend with two matmuls and a softmax (`naive_attention`) instead of SDPA.
@@ -258,6 +287,11 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, start, mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
+    def forward_rows(self, x: torch.Tensor, rope, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                     slots: torch.Tensor | slice, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.forward_rows(self.attn_norm(x), rope, k_buf, v_buf, slots, pos, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 # --------------------------------------------------------------------------------------------
 # Model
@@ -308,8 +342,11 @@ class Transformer(nn.Module):
 
         With targets, logits (B, T, vocab) are computed for every position; without, only for the
         last one (B, 1, vocab), all that sampling needs. With a KVCache, idx continues the cached
-        sequence (positions cache.pos ...) and the cache advances by T.
+        sequence (positions cache.pos ...) and the cache advances by T. With a `RowsCache` (continuous
+        batching), it is `decode_rows`: one token per row, each row at its own position.
         """
+        if isinstance(cache, RowsCache):
+            return self.decode_rows(idx, cache.slots, cache.pos, cache.cache, cache.length), None
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -348,6 +385,28 @@ class Transformer(nn.Module):
             x = layer(x, rope, (cache.k[i], cache.v[i]), pos, mask)
         return self.output(self.norm(x))
 
+    def decode_rows(self, idx: torch.Tensor, slots: torch.Tensor | slice, pos: torch.Tensor, cache: KVCache,
+                    length: int | None = None) -> torch.Tensor:
+        """Logits (B, 1, vocab) for one new token per row (idx: (B, 1)), where each row is its own sequence:
+        row b lives in row `slots[b]` of `cache` (a long tensor (B,), or a slice of consecutive rows) and its
+        token goes at position `pos[b]` (B,); it attends to its cached positions 0..pos[b], the rest of the
+        cache row is masked. `length` (at least max(pos) + 1; default the whole cache) is how many cache
+        positions are read: eager decoding passes the longest row's, a compiled step the whole cache (then
+        every shape is fixed for a given B). `cache.pos` is not used: continuous batching keeps each row's
+        position itself. The rows' results do not depend on each other (up to the rounding of batched
+        kernels)."""
+        S = cache.k[0].size(2) if length is None else length
+        x = self.tok_emb(idx)
+        rope = None
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_emb(pos)[:, None]
+        else:
+            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, D)
+        mask = (torch.arange(S, device=idx.device)[None] <= pos[:, None])[:, None, None]  # (B, 1, 1 query, S)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_rows(x, rope, cache.k[i], cache.v[i], slots, pos, mask)
+        return self.output(self.norm(x))
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * N (non-embedding matmuls + output) plus attention scores."""
         n = self.num_params(exclude_embeddings=True)
@@ -369,3 +428,21 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+    def rows(self, rows: slice, pos: int) -> KVCache:
+        """A cache over `rows` of this one's buffers (the same memory, not a copy) with `pos` filled positions:
+        `Transformer.forward` with it writes into those rows only (continuous batching prefills one slot)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.pos = [k[rows] for k in self.k], [v[rows] for v in self.v], pos
+        return view
+
+
+@dataclass
+class RowsCache:
+    """What `Transformer.forward(idx, cache=RowsCache(...))` needs to decode one token per row with each row
+    at its own position (`Transformer.decode_rows`); wrappers of a model that pass `cache` on work unchanged."""
+
+    cache: KVCache
+    slots: torch.Tensor | slice
+    pos: torch.Tensor
+    length: int | None = None
