@@ -3,14 +3,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+
+import httpx
 import pytest
 import torch
+from test_serve import running, wait_until
 
 import storygpt
 from storygpt.batching import Batcher, Done, Finish, Piece, Story
 from storygpt.generate import StoryModel
 from storygpt.model import KVCache, ModelConfig, RowsCache, Transformer
 from storygpt.sampling import SamplingOptions
+from storygpt.serve import Engine, QueueFull, TooManyStories, create_app
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,3 +178,153 @@ def test_a_batcher_refuses_stories_it_has_no_room_for(tiny):
     batcher.add(Run(tiny, "Tom", 2, max_new_tokens=4).story)
     with pytest.raises(storygpt.StoryGPTError, match="free slots"):
         batcher.add(Run(tiny, "Tom", 1, max_new_tokens=4).story)
+
+
+# --------------------------------------------------------------------------------------------
+# The Engine: a decoding thread, a bounded queue, requests from other threads
+# --------------------------------------------------------------------------------------------
+class Recorder(torch.nn.Module):
+    """Wraps a model: the end-of-story token is forbidden, each call takes `delay` seconds, and every call is
+    recorded as (engine step, "decode" or "prefill", rows)."""
+
+    def __init__(self, model, eos_id, delay=0.01):
+        super().__init__()
+        self.inner, self.cfg, self.eos_id, self.delay = model, model.cfg, eos_id, delay
+        self.engine, self.calls = None, []
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = self.inner(idx, targets, cache)
+        logits = logits.clone()
+        logits[..., self.eos_id] = float("-inf")
+        self.calls.append((self.engine.steps, "decode" if isinstance(cache, RowsCache) else "prefill", idx.size(0)))
+        time.sleep(self.delay)
+        return logits, loss
+
+
+@pytest.fixture
+def recorded(tiny):
+    net = Recorder(tiny.model, tiny.tokenizer.eos_id)
+    return StoryModel(net, tiny.tokenizer, tiny.info, tiny.path)
+
+
+def test_engine_queue_limits_and_slots(recorded):
+    engine = Engine(recorded, slots=2, max_queue=1)
+    recorded.model.engine = engine
+    try:
+        with pytest.raises(TooManyStories):
+            engine.submit(["Tom"], 3, {"max_new_tokens": 5}, lambda items: None)
+        first = engine.submit(["Tom"], 2, {"max_new_tokens": 4096}, lambda items: None)  # takes both slots
+        second = engine.submit(["Tom"], 1, {"max_new_tokens": 4096}, lambda items: None)
+        assert (engine.running, engine.waiting) == (1, 1)
+        with pytest.raises(QueueFull, match="busy"):
+            engine.submit(["Tom"], 1, {"max_new_tokens": 5}, lambda items: None)
+        second.close()  # a waiting request leaves the queue at once
+        assert (engine.running, engine.waiting) == (1, 0)
+        third = engine.submit(["Tom"], 1, {"max_new_tokens": 5}, lambda items: None)
+        assert engine.waiting == 1
+        first.close()  # a running one leaves at the next step; the waiting one takes a slot then
+        wait_until(lambda: engine.running == 1 and engine.waiting == 0)
+        third.close()
+        wait_until(lambda: engine.running == 0 and engine.batcher.free_slots == 2)
+    finally:
+        engine.close()
+
+
+def test_engine_events_for_threads(tiny):
+    """The web app's way in: a blocking iterator of events; the stories are those of the Python API."""
+    engine = Engine(tiny, slots=4)
+    try:
+        options = dict(seed=5, temperature=1.0, top_p=0.9, max_new_tokens=24)
+        texts, done = ["", ""], []
+        for event in engine.events("Lily", 2, **options):
+            if isinstance(event, Piece):
+                texts[event.index] += event.text
+            elif isinstance(event, Done):
+                done.append(event.stats)
+        assert ["Lily" + t for t in texts] == tiny.generate("Lily", num_samples=2, **options)
+        assert len(done) == 1 and done[0]["new_tokens"] == sum(done[0]["tokens_per_sample"])
+        # leaving early closes the request: its slots are free again at the next step
+        events = engine.events("Lily", 2, max_new_tokens=4096)
+        next(events)
+        events.close()
+        wait_until(lambda: engine.running == 0 and engine.batcher.free_slots == 4)
+    finally:
+        engine.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Through the HTTP server
+# --------------------------------------------------------------------------------------------
+def test_disconnect_frees_the_slot_at_the_next_step(recorded):
+    """Two endless streams fill both slots and a third request waits; when the first client disconnects, its
+    story leaves the batch and the waiting request is prefilled into its slot at the next step."""
+    app = create_app({"rec": recorded}, max_concurrency=2, max_queue=4)
+    engine = app.state.engines["rec"]
+    recorded.model.engine = engine
+    closed_at = []
+    cancel = engine.cancel
+
+    def recording_cancel(ticket):
+        closed_at.append(engine.steps)
+        cancel(ticket)
+
+    engine.cancel = recording_cancel
+    body = {"prompt": "Tom", "max_tokens": 4096, "stream": True}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as http, \
+            httpx.Client(base_url=url, timeout=30) as other, contextlib.ExitStack() as streams:
+        streams.enter_context(http.stream("POST", "/v1/completions", json=body))
+        first = http.stream("POST", "/v1/completions", json=body)
+        assert next(first.__enter__().iter_lines()).startswith("data: {")
+        wait_until(lambda: engine.running == 2)
+        third = streams.enter_context(other.stream("POST", "/v1/completions", json={**body, "prompt": "Lily"}))
+        wait_until(lambda: engine.waiting == 1)
+        first.__exit__(None, None, None)  # the first client disconnects
+        assert next(line for line in third.iter_lines() if line).startswith("data: {")
+        step = closed_at[0]
+        prefills = [s for s, kind, _ in recorded.model.calls if kind == "prefill" and s >= step]
+        assert prefills and prefills[0] <= step + 1  # joined at the next step (or at the one then running)
+        after = [rows for s, kind, rows in recorded.model.calls if kind == "decode" and s > step + 1]
+        assert after and max(after) <= 2
+        streams.close()
+        wait_until(lambda: http.get("/health").json()["running"] == 0)
+        assert engine.batcher.free_slots == 2
+
+
+def test_concurrent_requests_with_their_own_seeds_and_options(tiny):
+    """Requests sent at once decode in one batch, each with its seed and options, and each gets the story the
+    Python API writes alone (text without the prompt)."""
+    app = create_app({"tiny": tiny}, max_concurrency=8)
+    requests = [dict(seed=1, temperature=1.0), dict(seed=2, temperature=1.0),
+                dict(seed=1, temperature=0.7, top_k=10, repetition_penalty=1.2), dict(temperature=0),
+                dict(seed=9, top_p=0.5, n=2), dict(seed=3, temperature=1.2, stop=["."])]
+
+    async def main(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json={"prompt": "Ben", "max_tokens": 30, **r})
+                                          for r in requests))
+
+    with running(app) as url:
+        replies = [r.json() for r in asyncio.run(main(url))]
+    assert app.state.engines["tiny"].steps < sum(30 * (r.get("n", 1)) for r in requests)  # decoded together
+    for options, reply in zip(requests, replies):
+        options = dict(options)
+        n = options.pop("n", 1)
+        want = tiny.generate("Ben", num_samples=n, max_new_tokens=30, **options)
+        assert [c["text"] for c in reply["choices"]] == [w[len("Ben"):] for w in want], options
+
+
+def test_queue_full_is_503_and_long_prompts_are_400(recorded, tiny):
+    app = create_app({"rec": recorded}, max_concurrency=1, max_queue=0)
+    recorded.model.engine = app.state.engines["rec"]
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        long = http.post("/v1/completions", json={"prompt": "Tom had a red ball. " * 20})
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+        too_many = http.post("/v1/completions", json={"prompt": "Tom", "n": 2})
+        assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_choices"
+        with http.stream("POST", "/v1/completions", json={"prompt": "Tom", "max_tokens": 4096, "stream": True}):
+            wait_until(lambda: http.get("/health").json()["running"] == 1)
+            busy = http.post("/v1/completions", json={"prompt": "Tom", "max_tokens": 2})
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+            assert busy.json()["error"]["code"] == "server_busy"
+        wait_until(lambda: http.get("/health").json()["running"] == 0)
+        assert http.post("/v1/completions", json={"prompt": "Tom", "max_tokens": 2}).status_code == 200

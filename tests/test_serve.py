@@ -81,7 +81,7 @@ def endless(tiny):
 
 @pytest.fixture(scope="module")
 def server(tiny, endless):
-    app = create_app({"tiny": tiny, "endless": endless}, api_key=KEY, max_concurrency=2, max_queue=64)
+    app = create_app({"tiny": tiny, "endless": endless}, api_key=KEY, max_concurrency=4, max_queue=64)
     with running(app) as url:
         yield url
 
@@ -437,10 +437,10 @@ def test_cli_serve_refuses_bad_input(tmp_path, tiny_run, capsys):
 
 
 def test_cli_serve_compiled(tiny_run, tiny, tmp_path):
-    """`storygpt serve --compile` compiles before it listens and answers as the eager model does (greedy),
-    for one story and, compiling a new batch size on the way, for two."""
+    """`storygpt serve --compile` compiles before it listens (its step for 1 and 2 stories at once) and answers as
+    the eager model does (greedy), for one story and for two."""
     cmd = [sys.executable, "-m", "storygpt", "serve", "--model", f"tiny={tiny_run}", "--port", "0", "--compile",
-           "--log-level", "warning"]
+           "--log-level", "warning", "--max-concurrency", "2"]
     log = tmp_path / "stderr.txt"
     with open(log, "w") as err:
         server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)

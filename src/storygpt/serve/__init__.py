@@ -1,0 +1,18 @@
+"""`storygpt serve`: an OpenAI-compatible HTTP API (completions, chat, streaming) over continuous batching.
+
+- schemas.py: the request and response bodies (pydantic models, OpenAI's names, our bounds);
+- routes.py: the FastAPI app (`create_app`): handlers, Server-Sent Events, errors, the API key;
+- engine.py: one `Engine` per model: a decoding thread that decodes every running request together;
+- server.py: `serve()` (loading, the listening socket, uvicorn).
+"""
+
+from .engine import Engine, QueueFull, Ticket, TooManyStories, default_slots
+from .routes import APIError, BodyLimit, create_app, load_models, model_name
+from .schemas import (MAX_BODY_BYTES, MAX_MESSAGES, MAX_N, MAX_PROMPT_CHARS, MAX_SEED, MAX_STOP, MAX_STOP_CHARS,
+                      ChatCompletionRequest, CompletionRequest)
+from .server import is_loopback, listen, serve
+
+__all__ = ["APIError", "BodyLimit", "ChatCompletionRequest", "CompletionRequest", "Engine", "MAX_BODY_BYTES",
+           "MAX_MESSAGES", "MAX_N", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_STOP", "MAX_STOP_CHARS", "QueueFull",
+           "Ticket", "TooManyStories", "create_app", "default_slots", "is_loopback", "listen", "load_models",
+           "model_name", "serve"]

@@ -1,0 +1,417 @@
+"""`storygpt serve`'s routes: an OpenAI-compatible HTTP API (completions, chat, streaming) over the engines.
+
+Any OpenAI client, UI or script can talk to it by changing its base URL. The pieces:
+
+- Requests are the pydantic models of schemas.py. Every error, including validation errors (400, as OpenAI
+  answers), has OpenAI's body: `{"error": {"message", "type", "param", "code"}}`.
+- Each model has an `Engine` (engine.py): one decoding thread that decodes every running request's stories
+  together, one token per step (continuous batching), with up to `max_concurrency` stories in its slots and
+  up to `max_queue` requests waiting for slots; beyond that a request is refused at once with 503 and
+  Retry-After, so an overloaded server answers instead of hanging. The event loop only moves text.
+- When the client goes away (mid-stream, while queued, or during a non-streamed request) its request leaves
+  the queue, or the batch at the next step.
+- Safety: the `model` field is only a key into the models loaded at start (a path in it is never opened),
+  an optional bearer key guards `/v1/*`, and prompt length, body size, `max_tokens`, `n` and `stop` are
+  bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..batching import Done, Event, Finish, Piece
+from ..errors import StoryGPTError
+from ..generate import StoryModel, load
+from .engine import Engine, QueueFull, Ticket, TooManyStories
+from .schemas import (ERRORS, MAX_BODY_BYTES, MAX_N, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+                      ChatMessage, Completion, CompletionChunk, CompletionRequest, ErrorBody, Health, ModelCard,
+                      ModelList, SamplingRequest, chunk_choice, choice, header, openapi_schema, sampling_options, sse,
+                      stream_doc, usage, value)
+
+DEFAULT_MODEL_NAME = "storygpt-default"
+RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25
+log = logging.getLogger("storygpt.serve")
+FIELD_RE = re.compile(r"(?!(str|int|float|bool|list|dict)$)[a-z_][a-z0-9_]*")  # a field, not a union branch
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """OpenAI-style message and param for the most telling problem pydantic found. A value that fails a union
+    (e.g. `stop`: a string or a list) fails every branch; a broken constraint (a list too long) says more than
+    "should be a string", so those come first; the messages of all branches at the same place are joined."""
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        return f"the body is not valid JSON ({errors[0].get('ctx', {}).get('error', 'parse error')})", None
+    errors = sorted(errors, key=lambda e: e.get("type", "").endswith("_type") or e.get("type") == "none_required")
+    place = _error_place(errors[0])
+    messages = list(dict.fromkeys(e.get("msg", "invalid value") for e in errors if _error_place(e) == place))
+    return f"{place or 'request body'}: {' or '.join(messages)}", place or None
+
+
+def _error_place(error: dict) -> str:
+    """'messages.0.content' from pydantic's location, without 'body' and the names of union branches."""
+    loc = error.get("loc", ())
+    return ".".join(str(x) for x in loc if isinstance(x, int) or (x != "body" and re.fullmatch(FIELD_RE, x)))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StoryGPTError)
+    async def bad_value(request: Request, exc: StoryGPTError) -> JSONResponse:
+        return error_response(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), type, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, "internal server error", "server_error")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes (413 by Content-Length; a chunked body that grows past
+    it fails while being read, which FastAPI answers with 400), so a client cannot make the server buffer
+    gigabytes of JSON."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            response = error_response(413, f"the body is larger than {self.limit} bytes", code="body_too_large")
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise APIError(413, f"the body is larger than {self.limit} bytes", code="body_too_large")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+
+# --------------------------------------------------------------------------------------------
+# A request's events: text as it is decoded, each story's finish reason, the token counts
+# --------------------------------------------------------------------------------------------
+def with_echo(events: AsyncIterator[Event], prompts: list[str], n: int) -> AsyncIterator[Event]:
+    """`echo`: each story's text starts with its prompt."""
+    async def echoed() -> AsyncIterator[Event]:
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                yield Piece(p * n + i, prompt)
+        async for event in events:
+            yield event
+    return echoed()
+
+
+def count_tokens(done: Done, counts: list[int]) -> None:
+    counts[0] += done.stats["prompt_tokens"]
+    counts[1] += sum(done.stats["tokens_per_sample"])
+
+
+async def collect(events: AsyncIterator[Event], choices: int) -> tuple[list[str], list[str], dict]:
+    texts, reasons, counts = [""] * choices, ["length"] * choices, [0, 0]
+    async for event in events:
+        if isinstance(event, Piece):
+            texts[event.index] += event.text
+        elif isinstance(event, Finish):
+            reasons[event.index] = event.reason
+        else:
+            count_tokens(event, counts)
+    return texts, reasons, usage(*counts)
+
+
+async def until_disconnected(request: Request, work: Any) -> Any:
+    """Await `work`, cancelling it when the client disconnects (Starlette tells streamed responses, not others)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        task.cancel()
+
+
+
+async def sse_events(events: AsyncIterator[Event], chat: bool, model: str, choices: int,
+                     include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's streaming format: one chunk per piece of text, a chunk with each story's finish reason, with
+    `stream_options.include_usage` a last chunk with the token counts, then `data: [DONE]`."""
+    head = header(chat, model, chunk=True)
+
+    def chunk(choice_list: list[dict], **extra) -> str:
+        return sse({**head, "choices": choice_list, **extra})
+
+    if chat:
+        yield chunk([chunk_choice(True, i, {"role": "assistant", "content": ""}) for i in range(choices)])
+    counts = [0, 0]
+    try:
+        async for event in events:
+            if isinstance(event, Piece):
+                yield chunk([chunk_choice(chat, event.index, {"content": event.text})])
+            elif isinstance(event, Finish):
+                yield chunk([chunk_choice(chat, event.index, {}, event.reason)])
+            else:
+                count_tokens(event, counts)
+        if include_usage:
+            yield chunk([], usage=usage(*counts))
+    except (StoryGPTError, APIError) as exc:  # after the 200 was sent: report it in the stream
+        yield sse({"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": None}})
+    except Exception:
+        log.exception("generation failed after the response started")
+        yield sse({"error": {"message": "internal server error", "type": "server_error", "param": None,
+                             "code": None}})
+    yield sse("[DONE]")
+
+
+class EventStream(StreamingResponse):
+    """Server-Sent Events that close the request's ticket however the response ends, even when the client left
+    before the body started (then the body generator never runs, so its `finally` cannot)."""
+
+    def __init__(self, content: AsyncIterator[str], ticket: Ticket):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Requests and models
+# --------------------------------------------------------------------------------------------
+def _check_prompt(model: StoryModel, prompt: str, param: str) -> None:
+    """Reject a prompt that does not fit the context: decoding would silently keep only its last tokens."""
+    tokens = model.count_tokens(prompt)
+    if tokens >= model.context:
+        raise APIError(400, f"the prompt has {tokens} tokens; this model's context is {model.context} tokens, so "
+                            f"the prompt must be shorter than that", param=param, code="context_length_exceeded")
+
+
+def _chat_prompt(messages: list[ChatMessage]) -> str:
+    """The content of the last user message: this model continues stories, it does not hold conversations."""
+    for message in reversed(messages):
+        if message.role == "user":
+            content = message.content or ""
+            return content if isinstance(content, str) else "".join(part.text for part in content)
+    raise APIError(400, "messages must contain a user message (its content is the story prompt)", param="messages")
+
+
+
+def model_name(path: str | os.PathLike | None) -> str:
+    return DEFAULT_MODEL_NAME if path is None else Path(path).resolve().name
+
+
+def load_models(specs: Sequence[str | os.PathLike | None] | None, device: str = "auto",
+                dtype: str = "auto", compile: bool = False) -> dict[str, StoryModel]:
+    """Load `[NAME=]DIR` model specs (None or no specs: the shipped model), named by NAME or the folder's name."""
+    models: dict[str, StoryModel] = {}
+    for spec in specs or [None]:
+        name, path = None, spec
+        if isinstance(spec, str) and "=" in spec and NAME_RE.fullmatch(spec.split("=", 1)[0]):
+            name, path = spec.split("=", 1)
+        name = name or model_name(path)
+        if name in models:
+            raise StoryGPTError(f"two models are named {name!r}; name them with NAME=DIR")
+        models[name] = load(path, device=device, dtype=dtype, compile=compile)
+    return models
+
+
+def _check_names(models: Mapping[str, StoryModel]) -> None:
+    if not models:
+        raise StoryGPTError("serve needs at least one model")
+    for name in models:
+        if not NAME_RE.fullmatch(name) or ".." in name:
+            raise StoryGPTError(f"model name {name!r} must be letters, digits, '.', '_' or '-' (at most 64); "
+                                f"name it with NAME=DIR")
+
+
+def _pick_model(models: Mapping[str, StoryModel], name: str | None) -> tuple[str, StoryModel]:
+    """The model a request names (default: the first). Only a key into the loaded models: never a path."""
+    if name is None:
+        return next(iter(models.items()))
+    if name in models:
+        return name, models[name]
+    shown = name if len(name) <= 64 else name[:64] + "..."
+    raise APIError(404, f"the model {shown!r} does not exist; this server has: {', '.join(models)}",
+                   param="model", code="model_not_found")
+
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------
+def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], api_key: str | None = None,
+               max_concurrency: int | None = None, max_queue: int = 64) -> FastAPI:
+    """The FastAPI app: `models` maps names to loaded models (or is a list of model directories / NAME=DIR);
+    the first one is the default. Each model gets an `Engine` that decodes up to `max_concurrency` stories at
+    once (default: `engine.default_slots`, 64 for small models) with up to `max_queue` requests waiting. With
+    `api_key`, /v1/* needs `Authorization: Bearer <api_key>`."""
+    models = dict(models) if isinstance(models, Mapping) else load_models(list(models))
+    _check_names(models)
+    engines = {name: Engine(model, max_concurrency, max_queue, name=name) for name, model in models.items()}
+    default_engine = next(iter(engines.values()))
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for engine in engines.values():
+            engine.close()
+
+    app = FastAPI(title="storygpt", version=_version(), lifespan=lifespan,
+                  description="OpenAI-compatible API for small story-telling language models.")
+    app.add_middleware(BodyLimit)
+    _install_error_handlers(app)
+    app.state.engines, app.state.models = engines, models
+    guard = [Depends(_bearer_check(api_key))] if api_key else []
+    auth_errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if api_key else {}
+
+    @app.get("/health", response_model=Health, tags=["server"])
+    async def health() -> dict:
+        """Liveness and load (no key needed): requests decoding and waiting, over all models; the limits are
+        per model."""
+        return {"status": "ok", "models": list(models), "running": sum(e.running for e in engines.values()),
+                "waiting": sum(e.waiting for e in engines.values()), "max_concurrency": default_engine.slots,
+                "max_queue": max_queue}
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=guard, responses=auth_errors, tags=["openai"])
+    async def list_models() -> dict:
+        return {"object": "list", "data": [_card(name, created) for name in models]}
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, dependencies=guard,
+             responses={**auth_errors, 404: ERRORS[404]}, tags=["openai"])
+    async def get_model(model: str) -> dict:
+        return _card(_pick_model(models, model)[0], created)
+
+    @app.post("/v1/completions", response_model=Completion, dependencies=guard, tags=["openai"],
+              responses={**stream_doc(CompletionChunk), **auth_errors, **ERRORS})
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        """Continue `prompt` as a story; `text` holds the new text only (with `echo`, the prompt first)."""
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        return await _complete(request, body, prompts, "prompt", chat=False, echo=bool(body.echo))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=guard, tags=["openai"],
+              responses={**stream_doc(ChatCompletionChunk), **auth_errors, **ERRORS})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        """The last user message is the story prompt (other messages are ignored); the reply continues it."""
+        return await _complete(request, body, [_chat_prompt(body.messages)], "messages", chat=True, echo=False)
+
+    async def _complete(request: Request, body: SamplingRequest, prompts: list[str], param: str, chat: bool,
+                        echo: bool) -> Any:
+        name, model = _pick_model(models, body.model)
+        n = value(body, "n")
+        if len(prompts) * n > MAX_N:
+            raise APIError(400, f"n x prompts must be at most {MAX_N}, got {n} x {len(prompts)}", param="n",
+                           code="too_many_choices")
+        max_tokens = getattr(body, "max_completion_tokens", None) or value(body, "max_tokens")
+        options = sampling_options(body, max_tokens)
+        for prompt in prompts:
+            _check_prompt(model, prompt, param)
+        try:
+            ticket, events = engines[name].open(prompts, n, options)
+        except QueueFull as exc:
+            raise APIError(503, str(exc), "server_error", code="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except TooManyStories as exc:
+            raise APIError(400, str(exc), param="n", code="too_many_choices") from None
+        choices = len(prompts) * n
+        if echo:
+            events = with_echo(events, prompts, n)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventStream(sse_events(events, chat, name, choices, include_usage), ticket)
+        try:
+            result = await until_disconnected(request, collect(events, choices))
+        finally:
+            ticket.close()
+        if result is None:  # the client is gone; nobody reads this
+            return Response(status_code=499)
+        texts, reasons, counts = result
+        return {**header(chat, name), "usage": counts,
+                "choices": [choice(chat, i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]}
+
+    app.openapi = openapi_schema(app)
+    return app
+
+def _card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "storygpt"}
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+BEARER = HTTPBearer(auto_error=False, description="the server's --api-key")
+
+
+def _bearer_check(api_key: str) -> Callable:
+    expected = api_key.encode()
+
+    def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, expected):  # constant time: no guessing the key byte by byte
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    return check
