@@ -4,10 +4,12 @@ A Streamlit script over the Python API (`storygpt.load()` / `StoryModel.stream`)
 `storygpt app [--model DIR ...] [--models-dir DIR] [--port N]`, which passes the model folders in the
 STORYGPT_APP_MODELS environment variable (a JSON list; none = the shipped default model).
 
-Streamlit runs this file top to bottom for every interaction, in one thread per browser session, so
-each user's story streams on its own; the model itself is loaded once per process (`cache_resource`).
-Stopping works the Streamlit way: pressing Stop asks for a rerun, which interrupts the running
-script at its next write; the words written so far are kept in the session state.
+Streamlit runs this file top to bottom for every interaction, in one thread per browser session. The
+model is loaded once per process (`cache_resource`), with one decoding engine (storygpt.serve.engine, the
+HTTP server's): every session's story joins the same batch (continuous batching), and its words stream
+to that session's page as they are decoded. Stopping works the Streamlit way: pressing Stop asks for a
+rerun, which interrupts the running script at its next write (the story leaves the batch); the words
+written so far are kept in the session state.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from pathlib import Path
 import streamlit as st
 
 import storygpt
+from storygpt.batching import Done, Piece
 from storygpt.checkpoint import resolve_model_path
 from storygpt.errors import StoryGPTError
 from storygpt.generate import StoryModel
+from storygpt.serve.engine import Engine, QueueFull
 
 MODELS_ENV = "STORYGPT_APP_MODELS"
 COMPILE_ENV = "STORYGPT_APP_COMPILE"  # "1": decode with compiled steps (`storygpt app --compile`)
 HISTORY_SIZE = 10
+APP_SLOTS = 8  # stories the engine decodes at once (one per session writing); more sessions wait their turn
 EXAMPLES = [
     "Once upon a time, there was a little girl named Lily who found a shiny key in the garden.",
     "Tom and his dog Max went to the park. Max saw a big red ball and",
@@ -63,6 +68,12 @@ def get_model(path: str | None, compile: bool = False) -> StoryModel:
     if compile:  # under the loading spinner
         model.warm_up()
     return model
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def get_engine(path: str | None, compile: bool = False) -> Engine:
+    """The model's decoding engine, shared by every session of this process."""
+    return Engine(get_model(path, compile), slots=APP_SLOTS, name="app")
 
 
 def describe(model: StoryModel) -> str:
@@ -137,7 +148,7 @@ def check_prompt(model: StoryModel, prompt: str) -> str | None:
     return None
 
 
-def write_story(model: StoryModel, prompt: str, opts: dict, stop_slot) -> None:
+def write_story(engine: Engine, prompt: str, opts: dict, stop_slot) -> None:
     """Stream a story into the page; on success add it to the history."""
     ss = st.session_state
     stats: dict = {}
@@ -146,9 +157,12 @@ def write_story(model: StoryModel, prompt: str, opts: dict, stop_slot) -> None:
 
     def pieces():
         yield prompt_markdown(prompt)
-        for _, piece in model.stream_samples(prompt, 1, stats=stats, **opts):
-            ss.partial["story"] += piece
-            yield as_markdown(piece)
+        for event in engine.events(prompt, 1, **opts):  # leaving early (Stop) takes the story out of the batch
+            if isinstance(event, Piece):
+                ss.partial["story"] += event.text
+                yield as_markdown(event.text)
+            elif isinstance(event, Done):
+                stats.update(event.stats)
 
     with st.container(key="story"):
         st.write_stream(pieces())
@@ -220,6 +234,7 @@ def main() -> None:
     st.write("Type the beginning of a story, or pick one below, and a tiny language model writes the rest.")
     try:
         model = get_model(path, os.environ.get(COMPILE_ENV) == "1")
+        engine = get_engine(path, os.environ.get(COMPILE_ENV) == "1")
     except StoryGPTError as e:
         st.error(f"This model cannot be loaded: {e}")
         return
@@ -247,8 +262,11 @@ def main() -> None:
             st.warning(problem)
         else:
             try:
-                write_story(model, ss.prompt, options(), stop_slot)
+                write_story(engine, ss.prompt, options(), stop_slot)
                 show_stats(ss.history[0])
+            except QueueFull:
+                ss.partial = None
+                st.warning("Too many stories are being written right now. Please try again in a moment.")
             except StoryGPTError as e:
                 ss.partial = None
                 st.warning(f"Those settings don't work: {e}")
