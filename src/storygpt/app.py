@@ -29,12 +29,14 @@ import streamlit as st
 import storygpt
 from storygpt.batching import Done, Piece
 from storygpt.checkpoint import resolve_model_path
+from storygpt.device import pick_device
 from storygpt.errors import StoryGPTError
 from storygpt.generate import StoryModel
 from storygpt.serve.engine import Engine, QueueFull
 
 MODELS_ENV = "STORYGPT_APP_MODELS"
 COMPILE_ENV = "STORYGPT_APP_COMPILE"  # "1": decode with compiled steps (`storygpt app --compile`)
+DTYPE_ENV = "STORYGPT_APP_DTYPE"  # the weights' dtype for storygpt.load (`storygpt app --dtype`)
 HISTORY_SIZE = 10
 APP_SLOTS = 8  # stories the engine decodes at once (one per session writing); more sessions wait their turn
 EXAMPLES = [
@@ -63,17 +65,17 @@ def model_choices() -> dict[str, str | None]:
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def get_model(path: str | None, compile: bool = False) -> StoryModel:
-    model = storygpt.load(path, compile=compile)
+def get_model(path: str | None, compile: bool = False, dtype: str = "auto") -> StoryModel:
+    model = storygpt.load(path, compile=compile, dtype=dtype)
     if compile:  # under the loading spinner
         model.warm_up()
     return model
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def get_engine(path: str | None, compile: bool = False) -> Engine:
+def get_engine(path: str | None, compile: bool = False, dtype: str = "auto") -> Engine:
     """The model's decoding engine, shared by every session of this process."""
-    return Engine(get_model(path, compile), slots=APP_SLOTS, name="app")
+    return Engine(get_model(path, compile, dtype), slots=APP_SLOTS, name="app")
 
 
 def describe(model: StoryModel) -> str:
@@ -233,8 +235,9 @@ def main() -> None:
     st.title("storygpt")
     st.write("Type the beginning of a story, or pick one below, and a tiny language model writes the rest.")
     try:
-        model = get_model(path, os.environ.get(COMPILE_ENV) == "1")
-        engine = get_engine(path, os.environ.get(COMPILE_ENV) == "1")
+        how = (os.environ.get(COMPILE_ENV) == "1", os.environ.get(DTYPE_ENV) or "auto")  # compile, dtype
+        model = get_model(path, *how)
+        engine = get_engine(path, *how)
     except StoryGPTError as e:
         st.error(f"This model cannot be loaded: {e}")
         return
@@ -304,16 +307,19 @@ def find_models(models: list[str] | None = None, models_dir: str | None = None) 
 
 
 def launch(models: list[str] | None = None, models_dir: str | None = None, host: str = "127.0.0.1",
-           port: int = 8501, compile: bool = False) -> int:
+           port: int = 8501, compile: bool = False, dtype: str = "auto") -> int:
     """Serve the app until interrupted; returns Streamlit's exit code. compile=True decodes with compiled
-    steps (about 2x the words per second on CPU; each model compiles when first loaded, seconds)."""
+    steps (about 2x the words per second on CPU; each model compiles when first loaded, seconds). dtype:
+    the weights' precision, as for storygpt.load (auto, fp32, bf16, fp16, int8)."""
     paths = find_models(models, models_dir)
+    if dtype == "int8" and pick_device("auto").type != "cpu":  # the app loads models on the default device
+        raise StoryGPTError(f"int8 weights are for decoding on CPU; on {pick_device('auto').type} use --dtype fp16 or bf16")
     with socket.socket() as s:
         try:
             s.bind((host, port))
         except OSError as e:
             raise StoryGPTError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
-    env = {**os.environ, MODELS_ENV: json.dumps(paths), COMPILE_ENV: "1" if compile else "0"}
+    env = {**os.environ, MODELS_ENV: json.dumps(paths), COMPILE_ENV: "1" if compile else "0", DTYPE_ENV: dtype}
     cmd = [sys.executable, "-m", "streamlit", "run", __file__, "--server.headless", "true",
            "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
            "--client.showErrorDetails", "false", "--client.toolbarMode", "minimal", "--global.developmentMode",

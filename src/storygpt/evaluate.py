@@ -99,13 +99,18 @@ def evaluate(model: str | os.PathLike | None, text: list[str] | None = None, dat
              stride: int | None = None) -> dict:
     """Evaluate a model (directory or run) on text files or on a split of a prepared data directory.
 
+    dtype: fp32, bf16/fp16 (autocast), or int8 (weight-only int8 matrices, CPU: see storygpt.quantize).
     Returns {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}; loss is nats per token.
     """
     if bool(text) == bool(data):
         raise StoryGPTError("give either --text FILE... or --data DIR")
     dev = pick_device(device)
-    amp = pick_dtype(dev, dtype)
+    amp = pick_dtype(dev, "fp32" if dtype == "int8" else dtype)
     net, tokenizer, info = load_model(default_model_path() if model is None else model, device=dev)
+    if dtype == "int8":  # the int8 weights of `storygpt generate --dtype int8`, fp32 activations
+        from .quantize import quantize_int8
+
+        net = quantize_int8(net)
     context = trained_context(net.cfg, info)
     if text:
         tokens, nbytes = text_stream(tokenizer, text)

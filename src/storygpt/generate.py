@@ -46,7 +46,8 @@ class StoryModel:
         # on first use, per batch size (powers of two)
         self.decode_step = None
         if compile:
-            self.decode_step = _frozen(maybe_compile(model.decode_rows, self.device, dynamic=False), self.device)
+            self.decode_step = _frozen(maybe_compile(model.decode_rows, self.device, dynamic=False), self.device,
+                                       freezing=self.weights != "int8")
 
     # --- public API ------------------------------------------------------------------------
     def generate(self, prompt: str = "", num_samples: int | None = None, **options) -> str | list[str]:
@@ -120,14 +121,15 @@ class StoryModel:
             stats.update(figures)
 
 
-def _frozen(step, device: torch.device):
+def _frozen(step, device: torch.device, freezing: bool = True):
     """The compiled `step`, compiled with inductor's freezing on: the weights become constants of the
     graph, prepacked for oneDNN on CPU (1.2x the tokens/s at batch 1 here); on CPU also with a C++
     wrapper around the graph's kernels instead of Python (another 1.15x). The options are set only
     around the first call for each batch size (the call that compiles), under a lock, never globally:
     a model compiled for training elsewhere in the process is not frozen, and threads decoding with
-    already compiled shapes never wait. Decoding never changes the weights."""
-    options = {"freezing": True, "cpp_wrapper": device.type == "cpu"}
+    already compiled shapes never wait. Decoding never changes the weights. int8 weights are compiled
+    without freezing: it would fold their dequantization into fp32 copies (int8's memory saving lost)."""
+    options = {"freezing": freezing, "cpp_wrapper": device.type == "cpu"}
     compiled_shapes: set = set()
     lock = threading.Lock()
 
