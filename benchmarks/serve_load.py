@@ -1,12 +1,20 @@
 """Load on `storygpt serve`: N concurrent streaming completions through the `openai` client, on loopback.
 
-    python benchmarks/serve_load.py [--model DIR] [--requests 64] [--max-tokens 128] [--max-concurrency N] [--compile] [--smoke]
+    python benchmarks/serve_load.py [--model DIR] [--concurrency 1 8 64 256] [--max-tokens 128] [--dtype fp32]
+                                    [--max-concurrency N] [--baseline [REF]] [--threads N] [--compile] [--smoke]
 
-Starts `storygpt serve` (default: the shipped model) on a free 127.0.0.1 port, sends one warm-up request, then
-all --requests streaming completions at once (seeds 0..N-1, sampled, so stories may end before --max-tokens).
-Reports latency (request sent to `[DONE]`), time to first token, total new tokens per second of wall time and
-failures, as a markdown table and as JSON in benchmarks/results/serve_load.json. The server is stopped at the
-end, whatever happens; every request has a timeout.
+Starts `storygpt serve` (default: the shipped model) on a free 127.0.0.1 port with a queue as long as the
+largest load, sends one warm-up request, then for each --concurrency level N sends N streaming completions at
+once (prompt "Once upon a time", seeds 0..N-1, sampled, so stories may end before --max-tokens) and waits for
+all of them. Reports per level: latency (request sent to `[DONE]`) p50/p99, time to first token, total new
+tokens per second of wall time, 503 answers (queue full) and other failures, as a markdown table and as JSON
+in benchmarks/results/serve_load.json.
+
+--baseline also measures the server as it was before continuous batching (one worker thread per request,
+`--max-concurrency` workers): the source tree of git revision REF (default: the last one before
+src/storygpt/batching.py) is unpacked into a temporary folder and run with this Python, one server after the
+other on the same machine. --threads N runs the servers with OMP_NUM_THREADS=N (torch threads). Servers are
+stopped at the end, whatever happens; every request has a timeout.
 """
 
 from __future__ import annotations
@@ -18,28 +26,52 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from datetime import date
+from io import BytesIO
 from pathlib import Path
 
 import httpx
-from openai import AsyncOpenAI
+from openai import APIStatusError, AsyncOpenAI
 
 from storygpt.device import machine_description
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).parent.parent
 PROMPT = "Once upon a time"
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    """`storygpt serve --port 0`, and the URL it prints once it listens."""
+def baseline_tree(ref: str | None, folder: Path) -> tuple[str, Path]:
+    """`src/` of git revision `ref` (default: the last one before continuous batching, i.e. the parent of the
+    commit that added src/storygpt/batching.py), in `folder`."""
+    git = ["git", "-C", str(ROOT)]
+    if ref is None:
+        added = subprocess.run(git + ["log", "--diff-filter=A", "--format=%H", "--", "src/storygpt/batching.py"],
+                               capture_output=True, text=True, check=True).stdout.split()[-1]
+        ref = f"{added}^"
+    commit = subprocess.run(git + ["rev-parse", "--short", ref], capture_output=True, text=True, check=True)
+    archive = subprocess.run(git + ["archive", "--format=tar", ref, "src"], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return commit.stdout.strip(), folder / "src"
+
+
+def start_server(args, max_queue: int, source: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`storygpt serve --port 0` (from `source` when given), and the URL it prints once it listens."""
     cmd = [sys.executable, "-m", "storygpt", "serve", "--port", "0", "--log-level", "warning",
-           "--max-queue", str(args.requests)]
+           "--max-queue", str(max_queue), "--dtype", args.dtype]
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--max-concurrency", str(args.max_concurrency)] if args.max_concurrency else []
     cmd += ["--compile"] if args.compile else []
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=source or None)
     line = server.stdout.readline()  # "storygpt serve: http://127.0.0.1:PORT/v1 (...)" or EOF on failure
     if not line.startswith("storygpt serve: http"):
         server.kill()
@@ -65,72 +97,103 @@ async def one(client: AsyncOpenAI, model: str, seed: int, max_tokens: int) -> di
     return {"latency_s": time.perf_counter() - t0, "ttft_s": first or 0.0, "tokens": tokens}
 
 
-async def load(url: str, model: str, n: int, max_tokens: int, timeout: float) -> tuple[list, float]:
+async def load(url: str, model: str, levels: list[int], max_tokens: int, timeout: float) -> list[tuple[list, float]]:
+    """For each level, the results of that many requests sent at once (dicts or exceptions), and the wall time."""
+    out = []
     async with AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=timeout) as client:
         await one(client, model, seed=-1, max_tokens=8)  # warm-up
-        t0 = time.perf_counter()
-        results = await asyncio.wait_for(
-            asyncio.gather(*(one(client, model, i, max_tokens) for i in range(n)), return_exceptions=True),
-            timeout=timeout)
-        return results, time.perf_counter() - t0
+        for n in levels:
+            t0 = time.perf_counter()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(one(client, model, i, max_tokens) for i in range(n)), return_exceptions=True),
+                timeout=timeout)
+            out.append((results, time.perf_counter() - t0))
+    return out
 
 
 def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory (default: the shipped model)")
-    ap.add_argument("--requests", type=int, default=64, help="sent at once")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--max-concurrency", type=int, default=None, help="server workers (default: the server's)")
-    ap.add_argument("--compile", action="store_true", help="start the server with --compile")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds for the whole load")
-    ap.add_argument("--smoke", action="store_true", help="8 requests of 8 tokens, nothing written")
-    ap.add_argument("--out", default=str(RESULTS / "serve_load.json"))
-    args = ap.parse_args()
-    if args.smoke:
-        args.requests, args.max_tokens = 8, 8
-    server, url = start_server(args)
+def row(server: str, workers: int, n: int, results: list, wall: float, args) -> dict:
+    ok = [r for r in results if isinstance(r, dict)]
+    busy = [r for r in results if isinstance(r, APIStatusError) and r.status_code == 503]
+    failures = [repr(r) for r in results if not isinstance(r, dict) and not any(r is b for b in busy)]
+    latencies, ttfts = [r["latency_s"] for r in ok], [r["ttft_s"] for r in ok]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"server": server, "requests": n, "concurrency": n, "server_slots_or_workers": workers,
+            "compiled": args.compile, "max_tokens": args.max_tokens, "completed": len(ok), "busy_503": len(busy),
+            "failures": len(failures), "errors": failures[:3],
+            "p50_latency_s": round(statistics.median(latencies), 2) if ok else None,
+            "p99_latency_s": round(percentile(latencies, 99), 2) if ok else None,
+            "p50_ttft_s": round(statistics.median(ttfts), 2) if ok else None,
+            "p99_ttft_s": round(percentile(ttfts, 99), 2) if ok else None,
+            "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1)}
+
+
+def measure(args, name: str, source: Path | None = None) -> tuple[str, list[dict]]:
+    server, url = start_server(args, max(args.concurrency), source)
     try:
         health = httpx.get(url.removesuffix("/v1") + "/health", timeout=30).json()
         model = health["models"][0]
-        results, wall = asyncio.run(load(url, model, args.requests, args.max_tokens, args.timeout))
+        runs = asyncio.run(load(url, model, args.concurrency, args.max_tokens, args.timeout))
     finally:
         server.terminate()
         try:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             server.kill()
-    ok = [r for r in results if isinstance(r, dict)]
-    failures = [repr(r) for r in results if not isinstance(r, dict)]
-    latencies, ttfts = [r["latency_s"] for r in ok], [r["ttft_s"] for r in ok]
-    tokens = sum(r["tokens"] for r in ok)
-    row = {"requests": args.requests, "concurrency": args.requests, "server_workers": health["max_concurrency"],
-           "compiled": args.compile, "max_tokens": args.max_tokens, "completed": len(ok), "failures": len(failures),
-           "p50_latency_s": round(statistics.median(latencies), 2) if ok else None,
-           "p99_latency_s": round(percentile(latencies, 99), 2) if ok else None,
-           "p50_ttft_s": round(statistics.median(ttfts), 2) if ok else None,
-           "p99_ttft_s": round(percentile(ttfts, 99), 2) if ok else None,
-           "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1)}
-    result = {"benchmark": "serve_load", "model": model, "date": str(date.today()),
-              "machine": f"{machine_description()}, {os.cpu_count()} cores", "prompt": PROMPT, "rows": [row],
-              "errors": failures[:5]}
+    return model, [row(name, health["max_concurrency"], n, results, wall, args)
+                   for n, (results, wall) in zip(args.concurrency, runs)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256], help="requests sent at once")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--max-concurrency", type=int, default=None, help="server slots / workers (default: the server's)")
+    ap.add_argument("--baseline", nargs="?", const="", default=None, metavar="REF",
+                    help="also run the per-request server of git revision REF (default: the last one before the "
+                         "engine)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the servers")
+    ap.add_argument("--compile", action="store_true", help="start the servers with --compile")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds for each level")
+    ap.add_argument("--smoke", action="store_true", help="8 requests of 8 tokens, nothing written")
+    ap.add_argument("--out", default=str(RESULTS / "serve_load.json"))
+    args = ap.parse_args()
+    if args.smoke:
+        args.concurrency, args.max_tokens = [8], 8
+    load_before = os.getloadavg()[0]
+    model, rows = measure(args, "engine")
+    baseline = None
+    if args.baseline is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            commit, source = baseline_tree(args.baseline or None, Path(folder))
+            baseline = f"per-request server of {commit}"
+            rows += measure(args, f"per-request ({commit})", source)[1]
+    result = {"benchmark": "serve_load", "model": model, "date": str(date.today()), "dtype": args.dtype,
+              "machine": f"{machine_description()}, {os.cpu_count()} cores", "prompt": PROMPT,
+              "threads": args.threads or "default", "baseline": baseline,
+              "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+              "command": " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]), "rows": rows}
     if not args.smoke:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"storygpt serve{' --compile' if args.compile else ''}, model {model}, {row['server_workers']} workers; "
-          f"{result['machine']}")
-    print("| requests | concurrency | max_tokens | p50 latency | p99 latency | p50 first token | tokens | tokens/s "
-          "| failures |\n|---|---|---|---|---|---|---|---|---|")
-    if ok:
-        print(f"| {row['requests']} | {row['concurrency']} | {row['max_tokens']} | {row['p50_latency_s']:.2f} s "
-              f"| {row['p99_latency_s']:.2f} s | {row['p50_ttft_s']:.2f} s | {tokens:,} | {row['tokens_per_s']:,.0f} "
-              f"| {len(failures)} |")
-    for failure in failures[:5]:
-        print(f"failed: {failure}", file=sys.stderr)
-    sys.exit(1 if failures else 0)
+    print(f"storygpt serve{' --compile' if args.compile else ''} --dtype {args.dtype}, model {model}; "
+          f"{result['machine']}; load average {result['load_average']}")
+    print("| server | slots / workers | requests | concurrency | max_tokens | p50 latency | p99 latency "
+          "| p50 first token | tokens | tokens/s | 503s | failures |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["completed"]:
+            print(f"| {r['server']} | {r['server_slots_or_workers']} | {r['requests']} | {r['concurrency']} "
+                  f"| {r['max_tokens']} | {r['p50_latency_s']:.2f} s | {r['p99_latency_s']:.2f} s "
+                  f"| {r['p50_ttft_s']:.2f} s | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | {r['busy_503']} "
+                  f"| {r['failures']} |")
+        for failure in r["errors"]:
+            print(f"failed: {failure}", file=sys.stderr)
+    sys.exit(1 if any(r["failures"] for r in rows) else 0)
 
 
 if __name__ == "__main__":

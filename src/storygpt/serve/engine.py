@@ -190,7 +190,7 @@ class Engine:
             self._queue.clear()
             self._cond.notify()
         for ticket in waiting:
-            ticket.deliver([StoryGPTError("the server is shutting down"), END])
+            ticket.deliver([QueueFull("the server is shutting down"), END])
 
     # --- the decoding thread ----------------------------------------------------------------
     def _admit(self) -> None:
@@ -204,6 +204,13 @@ class Engine:
                 self.waiting -= 1
                 self.running += 1
 
+    def _close(self, tickets: list[Ticket]) -> None:
+        """Tickets that left the batch or finished (under the lock)."""
+        for ticket in tickets:
+            if ticket.state == "running":
+                ticket.state = "closed"
+                self.running -= 1
+
     def _loop(self) -> None:
         batcher = self.batcher
         while True:
@@ -212,24 +219,30 @@ class Engine:
                     self._cond.wait()
                 if self._closed:
                     break
-                joining, self._joining = self._joining, []
                 leaving, self._leaving = self._leaving, []
-            freed = 0  # slots given back this step
+                for ticket in leaving:  # given slots but not started yet
+                    for story in ticket.stories:
+                        if story in self._joining:
+                            self._joining.remove(story)
+                            self._free += story.n
+            freed = 0  # slots given back
             for ticket in leaving:
                 for story in ticket.stories:
-                    if story in joining:
-                        joining.remove(story)
-                        freed += story.n
-                    elif story in batcher.stories:
+                    if story in batcher.stories:
                         before = batcher.free_slots
                         batcher.cancel(story)
                         freed += batcher.free_slots - before
-            for story in joining:
-                batcher.add(story)
-            tickets = {story.ticket: None for story in batcher.stories}  # in order
-            before = batcher.free_slots
+            with self._cond:  # the slots of those who left go to waiting requests at this very step
+                self._free += freed
+                self._close(leaving)
+                self._admit()
+                joining, self._joining = self._joining, []
+            tickets = {story.ticket: None for story in batcher.stories + joining}  # in order
+            before = batcher.free_slots - sum(story.n for story in joining)  # as if added: given at admission
             failed = []
             try:
+                for story in joining:
+                    batcher.add(story)
                 if batcher.stories:
                     batcher.step()
                     self.steps += 1
@@ -240,7 +253,7 @@ class Engine:
                 for ticket in tickets:
                     ticket.outbox += [exc, END]
                     failed.append(ticket)
-            freed += batcher.free_slots - before
+            freed = batcher.free_slots - before
             finished = []
             for ticket in tickets:
                 if ticket.outbox:
@@ -250,17 +263,18 @@ class Engine:
                         finished.append(ticket)
             with self._cond:
                 self._free += freed
-                for ticket in failed:  # its stories that were still waiting
+                for ticket in failed:  # its stories that were still waiting, or given slots meanwhile
+                    ticket.cancelled = True
                     for story in ticket.stories:
                         if story in self._queue:
                             self._queue.remove(story)
-                for ticket in leaving + finished:
-                    if ticket.state == "running":
-                        ticket.state = "closed"
-                        self.running -= 1
+                        if story in self._joining:
+                            self._joining.remove(story)
+                            self._free += story.n
+                self._close(finished)
                 self._admit()
         with self._cond:  # closed: end what was running
             ending = {story.ticket: None for story in batcher.stories + self._joining}
             self._joining = []
         for ticket in ending:
-            ticket.deliver([StoryGPTError("the server is shutting down"), END])
+            ticket.deliver([QueueFull("the server is shutting down"), END])

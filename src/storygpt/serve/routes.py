@@ -25,7 +25,6 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -36,19 +35,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..batching import Done, Event, Finish, Piece
 from ..errors import StoryGPTError
-from ..generate import StoryModel, load
+from ..generate import StoryModel
 from .engine import Engine, QueueFull, Ticket, TooManyStories
+from .models import check_names, load_models
 from .schemas import (ERRORS, MAX_BODY_BYTES, MAX_N, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                       ChatMessage, Completion, CompletionChunk, CompletionRequest, ErrorBody, Health, ModelCard,
                       ModelList, SamplingRequest, chunk_choice, choice, header, openapi_schema, sampling_options, sse,
                       stream_doc, usage, value)
 
-DEFAULT_MODEL_NAME = "storygpt-default"
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25
 log = logging.getLogger("storygpt.serve")
 FIELD_RE = re.compile(r"(?!(str|int|float|bool|list|dict)$)[a-z_][a-z0-9_]*")  # a field, not a union branch
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,34 +254,6 @@ def _chat_prompt(messages: list[ChatMessage]) -> str:
 
 
 
-def model_name(path: str | os.PathLike | None) -> str:
-    return DEFAULT_MODEL_NAME if path is None else Path(path).resolve().name
-
-
-def load_models(specs: Sequence[str | os.PathLike | None] | None, device: str = "auto",
-                dtype: str = "auto", compile: bool = False) -> dict[str, StoryModel]:
-    """Load `[NAME=]DIR` model specs (None or no specs: the shipped model), named by NAME or the folder's name."""
-    models: dict[str, StoryModel] = {}
-    for spec in specs or [None]:
-        name, path = None, spec
-        if isinstance(spec, str) and "=" in spec and NAME_RE.fullmatch(spec.split("=", 1)[0]):
-            name, path = spec.split("=", 1)
-        name = name or model_name(path)
-        if name in models:
-            raise StoryGPTError(f"two models are named {name!r}; name them with NAME=DIR")
-        models[name] = load(path, device=device, dtype=dtype, compile=compile)
-    return models
-
-
-def _check_names(models: Mapping[str, StoryModel]) -> None:
-    if not models:
-        raise StoryGPTError("serve needs at least one model")
-    for name in models:
-        if not NAME_RE.fullmatch(name) or ".." in name:
-            raise StoryGPTError(f"model name {name!r} must be letters, digits, '.', '_' or '-' (at most 64); "
-                                f"name it with NAME=DIR")
-
-
 def _pick_model(models: Mapping[str, StoryModel], name: str | None) -> tuple[str, StoryModel]:
     """The model a request names (default: the first). Only a key into the loaded models: never a path."""
     if name is None:
@@ -306,7 +276,7 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
     once (default: `engine.default_slots`, 64 for small models) with up to `max_queue` requests waiting. With
     `api_key`, /v1/* needs `Authorization: Bearer <api_key>`."""
     models = dict(models) if isinstance(models, Mapping) else load_models(list(models))
-    _check_names(models)
+    check_names(models)
     engines = {name: Engine(model, max_concurrency, max_queue, name=name) for name, model in models.items()}
     default_engine = next(iter(engines.values()))
     created = int(time.time())
@@ -369,8 +339,7 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
         try:
             ticket, events = engines[name].open(prompts, n, options)
         except QueueFull as exc:
-            raise APIError(503, str(exc), "server_error", code="server_busy",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise _busy(exc) from None
         except TooManyStories as exc:
             raise APIError(400, str(exc), param="n", code="too_many_choices") from None
         choices = len(prompts) * n
@@ -381,6 +350,13 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
             return EventStream(sse_events(events, chat, name, choices, include_usage), ticket)
         try:
             result = await until_disconnected(request, collect(events, choices))
+        except QueueFull as exc:  # shutting down
+            raise _busy(exc) from None
+        except (APIError, StoryGPTError):
+            raise
+        except Exception:
+            log.exception("generation failed")
+            raise APIError(500, "internal server error", "server_error") from None
         finally:
             ticket.close()
         if result is None:  # the client is gone; nobody reads this
@@ -391,6 +367,10 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
 
     app.openapi = openapi_schema(app)
     return app
+
+def _busy(exc: QueueFull) -> APIError:
+    return APIError(503, str(exc), "server_error", code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+
 
 def _card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "storygpt"}

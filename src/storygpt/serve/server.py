@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import StoryGPTError
-from .routes import create_app, load_models
+from .models import load_models
+from .routes import create_app
 
 
 def is_loopback(host: str) -> bool:
@@ -51,8 +52,8 @@ def serve(models: Sequence[str | os.PathLike | None] | None = None, host: str = 
     loaded = load_models(models, device=device, dtype=dtype, compile=compile)
     app = create_app(loaded, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue)
     sock = listen(host, port)
-    if next(iter(loaded.values())).device.type == "cpu":  # one decoding thread per model shares the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(loaded)))
+    if next(iter(loaded.values())).device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(loaded)))  # one decoding thread per model
     if compile:  # after the thread count: compiled CPU kernels keep the one they were compiled with
         for name, engine in app.state.engines.items():
             print(f"storygpt serve: compiling {name} ...", file=sys.stderr, flush=True)
