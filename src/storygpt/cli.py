@@ -324,13 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="0 = any free port")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $STORYGPT_API_KEY)")
-    s.add_argument("--max-concurrency", type=int, default=None, help="generations at once (default: CPU cores, <= 8)")
-    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
+    s.add_argument("--max-concurrency", type=int, default=None,
+                   help="stories each model decodes at once, batched: its engine's slots (default 64, fewer for "
+                        "models whose KV cache would pass 1 GiB)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for slots; more get 503")
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--compile", action="store_true",
-                   help="decode with torch.compile'd steps: ~2x one stream's tokens/s after a compile at start (seconds)")
+                   help="decode with torch.compile'd steps, compiled at start for every batch size (1, 2, 4, ... up "
+                        "to --max-concurrency)")
     s.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="write a model for storygpt (e.g. fp16), transformers (hf), llama2.c's run.c "
