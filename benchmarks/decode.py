@@ -1,14 +1,14 @@
 """Decoding speed side by side: storygpt vs transformers generate() vs llama2.c's run.c, same weights.
 
-    python benchmarks/decode.py [--model DIR] [--llama2c ../peers/llama2.c] [--rounds 3] [--smoke]
+    python benchmarks/decode.py [--model DIR] [--llama2c ../peers/llama2.c] [--rounds 3] [--heldout FILE] [--smoke]
 
 Greedy, an empty prompt (the start-of-story token only, so every contender starts from the same
 token whatever its tokenizer does), 256 new tokens, the end-of-story token never taken (storygpt
 ignore_eos=True, transformers min_new_tokens, run.c built from a copy with its one-line
 `if (next == 1) break;` removed), so each contender does the same work every round.
 
-- storygpt: `storygpt.load(dtype=...)`, eager and `compile=True`, in fp32 and (where the CPU computes
-  it natively) bf16.
+- storygpt: `storygpt.load(dtype=...)`, eager and `compile=True`, in fp32, (where the CPU computes
+  it natively) bf16, and int8 (weight-only int8 matrices, fp32 activations: storygpt.quantize).
 - transformers: the model exported with `storygpt export --format hf`, `LlamaForCausalLM.generate()`
   in the same dtypes.
 - run.c: `storygpt export --format llama2c` (fp32, run.c's only format) built with
@@ -17,7 +17,10 @@ ignore_eos=True, transformers min_new_tokens, run.c built from a copy with its o
 
 tokens/s counts every new token of every row over the wall time of the call (prompt included);
 time to first token is the wall time of a call for one new token. Contenders alternate round by
-round; medians are reported, with ratios against transformers at the same dtype and against run.c.
+round; medians are reported, with ratios against transformers at the same dtype, against run.c, and
+(int8) against storygpt fp32 run the same way. The weights' memory is reported for the storygpt rows,
+and the held-out bits/byte of fp32 and int8 (default: ../shared/data/tinystories/heldout.txt, where it
+exists; --heldout none skips it; --smoke scores its first few stories).
 """
 
 from __future__ import annotations
@@ -35,8 +38,14 @@ import torch
 from common import alternate, header, median, save, table
 
 import storygpt
+from storygpt.data import expand_inputs, iter_stories
 from storygpt.device import DTYPES, pick_dtype
+from storygpt.evaluate import evaluate
 from storygpt.export import export_hf, export_llama2c
+from storygpt.quantize import weight_bytes
+from storygpt.tokenizer import EOS_TEXT
+
+HELDOUT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinystories" / "heldout.txt"
 
 
 def storygpt_contender(path, dtype: str, compile: bool, new_tokens: int):
@@ -47,6 +56,15 @@ def storygpt_contender(path, dtype: str, compile: bool, new_tokens: int):
         return model.last_stats["new_tokens"] / model.last_stats["seconds"]
 
     return model, run
+
+
+def heldout_bpb(path, heldout: Path, work: Path, stories: int | None) -> dict[str, float]:
+    """Held-out bits per byte of the fp32 and int8 weights (`stories`: only the first ones)."""
+    if stories is not None:
+        first = [s for _, s in zip(range(stories), iter_stories(expand_inputs([heldout])))]
+        heldout = work / "heldout.txt"
+        heldout.write_text("".join(f"{s}\n{EOS_TEXT}\n" for s in first), encoding="utf-8")
+    return {dt: evaluate(path, text=[heldout], device="cpu", dtype=dt)["bits_per_byte"] for dt in ("fp32", "int8")}
 
 
 def hf_contender(hf_dir: Path, dtype: torch.dtype, start_id: int, new_tokens: int):
@@ -104,6 +122,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd storygpt rows")
+    ap.add_argument("--heldout", default=str(HELDOUT) if HELDOUT.exists() else "none",
+                    help="stories for the held-out bits/byte of fp32 vs int8 (none: skip)")
     ap.add_argument("--smoke", action="store_true", help="a few tokens, one round (checks the script works)")
     args = ap.parse_args()
     if args.smoke:
@@ -119,11 +139,17 @@ def main() -> None:
         export_hf(base.model, base.tokenizer, work / "hf")
 
         contenders: dict[str, tuple[str, object]] = {}  # name -> (dtype, run(batch, n))
-        for dt in dtypes:
+        weights: dict[str, int] = {}  # storygpt contender -> bytes of its weights
+        for dt in dtypes + ["int8"]:
             for compiled in ([False] if args.no_compile else [False, True]):
                 name = f"storygpt {dt}" + (" compiled" if compiled else "")
-                contenders[name] = (dt, storygpt_contender(path, dt, compiled, args.new_tokens)[1])
-            contenders[f"transformers {dt}"] = (dt, hf_contender(work / "hf", DTYPES[dt], start_id, args.new_tokens)[1])
+                model, run = storygpt_contender(path, dt, compiled, args.new_tokens)
+                contenders[name], weights[name] = (dt, run), weight_bytes(model.model)
+            if dt != "int8":
+                contenders[f"transformers {dt}"] = (dt, hf_contender(work / "hf", DTYPES[dt], start_id, args.new_tokens)[1])
+        bpb = None
+        if args.heldout != "none":
+            bpb = heldout_bpb(path, Path(args.heldout), work, 5 if args.smoke else None)
         check = None
         if args.llama2c:
             binary = build_run_c(args.llama2c, work)
@@ -154,9 +180,14 @@ def main() -> None:
                        and x["batch"] == r["batch"]), None)
             r["vs_transformers"] = round(r["tokens_per_s"] / hf, 2) if hf else None
             r["vs_run_c"] = round(r["tokens_per_s"] / run_c, 2) if run_c else None
+            fp32 = next((x["tokens_per_s"] for x in rows if x["contender"] == r["contender"].replace("int8", "fp32")
+                         and x["batch"] == r["batch"]), None) if r["dtype"] == "int8" else None
+            r["vs_storygpt_fp32"] = round(r["tokens_per_s"] / fp32, 2) if fp32 else None
+            r["weights_mb"] = round(weights[r["contender"]] / 1e6, 1) if r["contender"] in weights else None
         result = header("decode", model=path, params=base.model.num_params(), new_tokens=args.new_tokens,
                         rounds=args.rounds, run_c_matches_storygpt=check, torch_threads=torch.get_num_threads(),
-                        omp_threads=os.environ.get("OMP_NUM_THREADS"), rows=rows)
+                        omp_threads=os.environ.get("OMP_NUM_THREADS"), heldout=None if bpb is None else args.heldout,
+                        heldout_bits_per_byte=bpb, rows=rows)
         save(result, "decode", args.smoke)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -165,6 +196,10 @@ def main() -> None:
           f"start token, median of {args.rounds} alternating rounds")
     if check is not None:
         print(f"run.c's greedy story {'matches' if check else 'DOES NOT match'} storygpt's (fp32, same weights)")
+    if bpb is not None:
+        change = bpb["int8"] - bpb["fp32"]
+        print(f"held-out bits/byte ({args.heldout}{', first 5 stories' if args.smoke else ''}): fp32 {bpb['fp32']:.5f}, "
+              f"int8 {bpb['int8']:.5f} ({change:+.5f}, {100 * change / bpb['fp32']:+.3f}%)")
     print(table(rows, {
         "contender": lambda r: r["contender"], "batch": lambda r: str(r["batch"]),
         "tokens/s": lambda r: f"{r['tokens_per_s']:,.0f}",
@@ -172,6 +207,8 @@ def main() -> None:
         else "—",
         "× transformers (same dtype)": lambda r: f"{r['vs_transformers']:.2f}" if r["vs_transformers"] else "—",
         "× run.c": lambda r: f"{r['vs_run_c']:.2f}" if r["vs_run_c"] else "—",
+        "× storygpt fp32": lambda r: f"{r['vs_storygpt_fp32']:.2f}" if r["vs_storygpt_fp32"] else "—",
+        "weights": lambda r: f"{r['weights_mb']:.1f} MB" if r["weights_mb"] is not None else "—",
     }))
 
 

@@ -14,12 +14,14 @@ def test_train_throughput_smoke():
     assert "| storygpt | fp32 | no |" in out.stdout and "| transformers | fp32 | no |" in out.stdout
 
 
-def test_decode_smoke(tiny_run):
-    out = subprocess.run([sys.executable, BENCHMARKS / "decode.py", "--smoke", "--model", tiny_run],
+def test_decode_smoke(tiny_run, story_file):
+    out = subprocess.run([sys.executable, BENCHMARKS / "decode.py", "--smoke", "--model", tiny_run, "--heldout", story_file],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for row in ("| storygpt fp32 | 1 |", "| transformers fp32 | 1 |", "| storygpt fp32 | 8 |", "| transformers fp32 | 8 |"):
+    for row in ("| storygpt fp32 | 1 |", "| transformers fp32 | 1 |", "| storygpt fp32 | 8 |", "| transformers fp32 | 8 |",
+                "| storygpt int8 | 1 |", "| storygpt int8 | 8 |"):
         assert row in out.stdout
+    assert "held-out bits/byte" in out.stdout and "int8" in out.stdout
 
 
 def test_attention_smoke():
