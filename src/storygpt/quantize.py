@@ -5,13 +5,13 @@ largest |w| maps to 127); activations, norms and the KV cache stay in float (fp3
 the model's dtype). The token embedding and the output head share one matrix in a tied model, and a
 head's output rows are the embedding's token rows, so one int8 table and one scale per token serve
 both: the lookup scales the rows it gathers, the head scales its outputs. The weights then take 1/4
-of their fp32 bytes (8.7M-parameter default model: 35.0 MB -> 8.8 MB).
+of their fp32 bytes (8.7M-parameter default model: 35.0 MB -> 8.9 MB).
 
 The matmul is PyTorch's own: `F.linear(x, w_int8.to(x.dtype)) * scale`, the computation torchao's
 `Int8WeightOnlyConfig` runs on CPU. `torch.ops.aten._weight_int8pack_mm` computes the same product
-but its CPU kernel is scalar code on AVX2-only CPUs: 6-25x slower than this per matmul here (see
-benchmarks/decode.py and the README). Training and evaluation code never sees these modules except
-through `evaluate(dtype="int8")`; they hold no gradients.
+but measured 5-25x slower than this per matmul on an AVX2 CPU with torch 2.13 (see the README's "int8
+weights on an AVX2 CPU"; compiled, int8 is slower than compiled fp32 there). Training code never sees
+these modules; evaluation does through `evaluate(dtype="int8")`. They hold no gradients.
 """
 
 from __future__ import annotations
