@@ -4,8 +4,10 @@ A `Batcher` owns a KV cache of `slots` rows (the batch dimension) for one model.
 at its own length. `step()` advances every story by one token with one batched forward pass
 (`Transformer.decode_rows`: each row at its own position, RoPE at that position, the rest of its cache
 row masked). A story joins between two steps when enough slots are free: its prompt is prefilled into
-one slot in chunks of at most `prefill_chunk` tokens, so a step never does more than about that much
-prefill on top of the decoding, then copied to the slots of its other samples. A story leaves at once:
+one slot in chunks of at most `prefill_chunk` tokens (a chunk's bounds depend only on the prompt), and a
+step prefills chunks, first come first served, until `prefill_chunk` tokens are reached (the chunk that
+crosses it runs whole, so less than two chunks' worth on top of the decoding, or the n chunks of one
+sliding story's n samples); then the prompt's cache is copied to the slots of its other samples. A story leaves at once:
 a row that ends (end-of-story, a stop string, `max_new_tokens`) frees its slot, and so does
 `cancel()`.
 
@@ -39,7 +41,7 @@ from .sampling import SamplingOptions, apply_repetition_penalty, sampling_probs
 if TYPE_CHECKING:
     from .generate import StoryModel
 
-PREFILL_CHUNK = 64  # prompt tokens prefilled per step at most (one chunk more when a step starts one)
+PREFILL_CHUNK = 64  # prompt tokens prefilled per step (the chunk that crosses it runs whole)
 
 
 class Piece(NamedTuple):
@@ -218,7 +220,7 @@ class Batcher:
     def step(self) -> None:
         """One token for every story that has its prompt in the cache; prefill for those that do not yet."""
         ready: list[tuple[Story, torch.Tensor]] = []
-        budget = self.prefill_chunk
+        budget = self.prefill_chunk  # prompt tokens for this step; the chunk that crosses it runs whole
         for story in self.stories:
             while story.pending is not None and budget > 0:
                 budget -= self._prefill(story, ready)
