@@ -33,11 +33,23 @@ def cmd_data_prepare(args) -> None:
     from .data import prepare
 
     meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                   field=args.field, workers=args.workers, dtype=args.dtype, progress=not args.quiet)
+                   field=args.field, workers=args.workers, dtype=args.dtype, progress=not args.quiet,
+                   instruct=args.instruct)
     for split, info in meta["splits"].items():
         print(f"{split}: {info['stories']:,} stories, {info['tokens']:,} tokens, {info['bytes']:,} bytes, "
               f"{len(info['shards'])} shard(s)")
+    if meta.get("mask"):
+        print("instruction records: the loss leaves out their instructions (masked)")
     print(f"-> {args.out}")
+
+
+def cmd_data_instruct(args) -> None:
+    from .instruct_data import build
+
+    counts = build(args.input, args.out, seed=args.seed, request_share=args.request_share, copies=args.copies,
+                   field=args.field)
+    print(f"{counts['records']:,} instruction records from {counts['stories']:,} stories "
+          f"({counts['skipped']:,} gave none) -> {args.out}")
 
 
 def cmd_data_download(args) -> None:
@@ -224,8 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=1337)
     d.add_argument("--workers", type=int, default=None, help="encoding threads (default: all cores)")
     d.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+    d.add_argument("--instruct", action="store_true",
+                   help="JSON records with an `instruction` field (the TinyStories JSON release) become "
+                        "TinyStories-Instruct records; .txt records in that format are read as such anyway")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_data_prepare)
+    di = data.add_parser("instruct", help="turn stories into TinyStories-Instruct records (words, sentence, "
+                                          "features, or a request in plain language; then `data prepare`)")
+    di.add_argument("--input", nargs="+", required=True, help="TinyStories .txt, .json/.jsonl files or folders")
+    di.add_argument("--out", required=True, help="the records, in TinyStories .txt format")
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--request-share", type=float, default=0.5,
+                    help="share of records that state their requirements as a request in plain language")
+    di.add_argument("--copies", type=int, default=1, help="records per story (different draws)")
+    di.add_argument("--field", default=None)
+    di.set_defaults(func=cmd_data_instruct)
     dl = data.add_parser("download", help="download TinyStories from the Hugging Face Hub (cached, verified)")
     dl.add_argument("dataset", choices=["tinystories"])
     dl.add_argument("--version", choices=["v1", "v2", "json"], default="v1",

@@ -6,6 +6,9 @@ Data directory layout (what `storygpt data prepare` writes):
     DIR/tokenizer/           a copy of the tokenizer the shards were made with
     DIR/train_00000.bin ...  flat token streams (uint16 or uint32), each story followed by EOS
     DIR/val_00000.bin ...
+    DIR/train_00000.mask ... only for instruction data (meta.json "mask": true): one uint8 per token, 1 where
+                             predicting that token counts in the loss (the story and its EOS), 0 for the
+                             instruction before `Story:` (instruct.py)
 
 Preparation streams: stories are read lazily, encoded by a pool of threads (SentencePiece releases
 the GIL, so they use every core without processes to start or results to pickle) with a bounded
@@ -30,131 +33,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_dir
 from .errors import StoryGPTError
+from .stories import (FIELDS, JSON_SUFFIXES, TEXT_SUFFIXES, check_inputs, expand_inputs,  # noqa: F401 - data's API
+                      iter_stories)
+from .instruct import INSTRUCT_INFO, split_record
 from .tokenizer import EOS_TEXT, Tokenizer
 
-TEXT_SUFFIXES = (".txt",)
-JSON_SUFFIXES = (".json", ".jsonl")
-FIELDS = ("story", "text")
 META_FILE = "meta.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Reading stories
-# --------------------------------------------------------------------------------------------
-def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
-    """Files named directly, plus the .txt/.json/.jsonl files found (recursively) in folders."""
-    if not paths:
-        raise StoryGPTError("no input given")
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + JSON_SUFFIXES)
-            if not found:
-                raise StoryGPTError(f"{p}: folder has no .txt, .json or .jsonl files")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise StoryGPTError(f"{p}: no such file or folder")
-    for f in files:
-        if f.stat().st_size == 0:
-            raise StoryGPTError(f"{f}: file is empty")
-    return files
-
-
-def check_inputs(files: list[Path], field: str | None = None) -> None:
-    """Fail fast, before any work, on a text file without separators or a JSON file without the field."""
-    for f in files:
-        if f.suffix in JSON_SUFFIXES:
-            next(iter_stories([f], field), None)
-        else:
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                if not any(line.rstrip("\r\n") == EOS_TEXT for line in fh):
-                    raise StoryGPTError(
-                        f"{f}: no '{EOS_TEXT}' separator line found (TinyStories .txt format expected)")
-
-
-def iter_stories(files: list[Path], field: str | None = None) -> Iterator[str]:
-    """Yield story texts from TinyStories .txt files and JSON/JSONL files, one at a time."""
-    for f in files:
-        if f.suffix in JSON_SUFFIXES:
-            yield from _json_stories(f, field)
-        else:
-            yield from _text_stories(f)
-
-
-def _text_stories(path: Path) -> Iterator[str]:
-    lines: list[str] = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.rstrip("\r\n") == EOS_TEXT:
-                    story = "".join(lines).strip()
-                    lines.clear()
-                    if story:
-                        yield story
-                else:
-                    lines.append(line)
-    except UnicodeDecodeError as e:
-        raise StoryGPTError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    story = "".join(lines).strip()
-    if story:
-        yield story
-
-
-def _json_records(path: Path) -> Iterator[object]:
-    """Records of a JSONL file, or of a JSON file holding one array, parsed incrementally."""
-    decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as fh:
-        buf, pos, eof, in_array = "", 0, False, None
-        while True:
-            # skip whitespace and array punctuation
-            while pos < len(buf) and buf[pos] in " \t\r\n,]":
-                pos += 1
-            if in_array is None and pos < len(buf):
-                in_array = buf[pos] == "["
-                if in_array:
-                    pos += 1
-                continue
-            if pos >= len(buf) or (not eof and len(buf) - pos < 1 << 16):
-                if eof:
-                    return
-                chunk = fh.read(1 << 20)
-                eof = not chunk
-                buf = buf[pos:] + chunk
-                pos = 0
-                continue
-            try:
-                record, pos = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError as e:
-                if not eof:  # an object may be split across reads: read more and retry
-                    chunk = fh.read(1 << 20)
-                    eof = not chunk
-                    buf = buf[pos:] + chunk
-                    pos = 0
-                    continue
-                raise StoryGPTError(f"{path}: invalid JSON ({e.msg})") from None
-            yield record
-
-
-def _json_stories(path: Path, field: str | None) -> Iterator[str]:
-    try:
-        for n, record in enumerate(_json_records(path)):
-            if not isinstance(record, dict):
-                raise StoryGPTError(f"{path}: record {n + 1} is not a JSON object")
-            key = field or next((k for k in FIELDS if k in record), None)
-            if key is None or key not in record:
-                wanted = repr(field) if field else " or ".join(map(repr, FIELDS))
-                have = ", ".join(sorted(map(str, record))) or "none"
-                raise StoryGPTError(f"{path}: record {n + 1} has no field {wanted} (fields: {have}); use --field")
-            text = record[key]
-            if not isinstance(text, str):
-                raise StoryGPTError(f"{path}: record {n + 1} field {key!r} is not a string")
-            text = text.strip()
-            if text:
-                yield text
-    except UnicodeDecodeError as e:
-        raise StoryGPTError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,20 +54,29 @@ def token_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
     return np.dtype(dtype)
 
 
-def _encode_chunk(tok: Tokenizer, stories: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encode a chunk: (tokens with EOS after each story, tokens per story, UTF-8 bytes per story).
-    SentencePiece releases the GIL while it encodes, so threads running this use every core."""
-    ids = tok.encode_batch(stories, num_threads=1)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+def _encode_chunk(tok: Tokenizer, stories: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Encode a chunk: (tokens with EOS after each story, tokens per story, UTF-8 bytes per story, loss
+    mask per token). An instruct record's prompt and story are encoded apart, as generation does (the
+    prompt alone, then the story); the prompt's tokens get mask 0. SentencePiece releases the GIL while
+    it encodes, so threads running this use every core."""
+    records = [split_record(s) for s in stories]
+    prompts = tok.encode_batch([r[0] for r in records if r is not None], num_threads=1)
+    texts = tok.encode_batch([s if r is None else r[1] for s, r in zip(stories, records)], num_threads=1)
+    prompt_iter = iter(prompts)
+    heads = [[] if r is None else next(prompt_iter) for r in records]
+    lengths = np.fromiter((len(h) + len(x) + 1 for h, x in zip(heads, texts)), dtype=np.int64, count=len(texts))
     flat = np.empty(int(lengths.sum()), dtype=dtype)
-    ends = np.cumsum(lengths)
-    flat[ends - 1] = tok.eos_id
+    mask = np.ones(len(flat), dtype=np.uint8)
     pos = 0
-    for x, end in zip(ids, ends):
-        flat[pos:end - 1] = x
-        pos = int(end)
+    for h, x in zip(heads, texts):
+        flat[pos:pos + len(h)] = h
+        mask[pos:pos + len(h)] = 0
+        flat[pos + len(h):pos + len(h) + len(x)] = x
+        pos += len(h) + len(x)
+        flat[pos] = tok.eos_id
+        pos += 1
     nbytes = np.fromiter((len(s.encode("utf-8")) for s in stories), dtype=np.int64, count=len(stories))
-    return flat, lengths, nbytes
+    return flat, lengths, nbytes, mask
 
 
 def _chunks(stories: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -200,6 +93,7 @@ def _chunks(stories: Iterator[str], size: int) -> Iterator[list[str]]:
 @dataclass
 class _Bucket:
     tokens: object  # open binary file
+    mask: object    # open binary file of the loss mask, one byte per token
     lengths: list
     nbytes: int = 0
 
@@ -207,11 +101,13 @@ class _Bucket:
 def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike,
             val_fraction: float = 0.02, seed: int = 1337, field: str | None = None,
             workers: int | None = None, dtype: str = "auto", chunk_stories: int = 256,
-            bucket_bytes: int = 128 << 20, progress: bool = True) -> dict:
+            bucket_bytes: int = 128 << 20, progress: bool = True, instruct: bool = False) -> dict:
     """Tokenize stories from `inputs` into shuffled train/val shards in `out`; returns meta.json's dict.
 
     Each story goes to val with probability `val_fraction` (seeded), so the split is the same
     whatever the number of workers. `bucket_bytes` of input text make one shard (and bound memory).
+    Instruction records (TinyStories-Instruct text, or with `instruct` the JSON release's `instruction`
+    fields) get a loss mask that leaves their instruction out of the loss (meta.json "mask": true).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise StoryGPTError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -226,9 +122,11 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
     n_buckets = max(1, math.ceil(total_bytes / bucket_bytes))
 
     with atomic_dir(out) as work:
-        buckets = {(split, b): _Bucket(open(work / f"{split}_{b:05d}.tmp", "wb"), [])
+        buckets = {(split, b): _Bucket(open(work / f"{split}_{b:05d}.tmp", "wb"),
+                                       open(work / f"{split}_{b:05d}.masktmp", "wb"), [])
                    for split in ("train", "val") for b in range(n_buckets)}
-        stories = iter_stories(files, field)
+        stories = iter_stories(files, field, instruct)
+        masked = False
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encoding", disable=not progress)
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
         try:
@@ -249,8 +147,9 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
                 if not pending:
                     break
                 idx, res = pending.popleft()
-                flat, lengths, nbytes = res if pool is None else res.result()
-                _scatter(buckets, idx, flat, lengths, nbytes, seed, val_fraction, n_buckets)
+                flat, lengths, nbytes, mask = res if pool is None else res.result()
+                masked = masked or not mask.all()
+                _scatter(buckets, idx, flat, lengths, nbytes, mask, seed, val_fraction, n_buckets)
                 bar.update(int(nbytes.sum()) + EOS_LINE_BYTES * len(lengths))
         except BaseException:
             bar.leave = False  # erase the bar so the error is the only line left
@@ -261,15 +160,18 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
             bar.close()
         for b in buckets.values():
             b.tokens.close()
+            b.mask.close()
 
         meta = {"format": 1, "tokenizer": {"sha256": tok.checksum, "type": tok.type},
                 "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": np_dtype.name,
                 "seed": seed, "val_fraction": val_fraction, "inputs": [str(f) for f in files],
                 "splits": {}}
+        if masked:
+            meta |= {"mask": True, "instruct": INSTRUCT_INFO}
         for split in ("train", "val"):
             shards = []
             for b in range(n_buckets):
-                info = _write_shard(work, split, b, buckets[(split, b)], np_dtype, seed)
+                info = _write_shard(work, split, b, buckets[(split, b)], np_dtype, seed, masked)
                 if info is not None:
                     shards.append(info)
             meta["splits"][split] = {
@@ -285,7 +187,7 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
 EOS_LINE_BYTES = len(EOS_TEXT) + 2  # "\n<|endoftext|>\n" around each story, for the progress bar
 
 
-def _scatter(buckets, chunk_idx, flat, lengths, nbytes, seed, val_fraction, n_buckets) -> None:
+def _scatter(buckets, chunk_idx, flat, lengths, nbytes, mask, seed, val_fraction, n_buckets) -> None:
     rng = np.random.default_rng([seed, chunk_idx])
     is_val = rng.random(len(lengths)) < val_fraction
     which = rng.integers(n_buckets, size=len(lengths))
@@ -294,25 +196,30 @@ def _scatter(buckets, chunk_idx, flat, lengths, nbytes, seed, val_fraction, n_bu
     for i in range(len(lengths)):
         b = buckets[("val" if is_val[i] else "train", int(which[i]))]
         b.tokens.write(flat[starts[i]:ends[i]].tobytes())
+        b.mask.write(mask[starts[i]:ends[i]].tobytes())
         b.lengths.append(int(lengths[i]))
         b.nbytes += int(nbytes[i])
 
 
-def _write_shard(work: Path, split: str, b: int, bucket: _Bucket, dtype: np.dtype, seed: int) -> dict | None:
-    tmp = work / f"{split}_{b:05d}.tmp"
+def _write_shard(work: Path, split: str, b: int, bucket: _Bucket, dtype: np.dtype, seed: int,
+                 masked: bool) -> dict | None:
+    tmp, mask_tmp = work / f"{split}_{b:05d}.tmp", work / f"{split}_{b:05d}.masktmp"
     lengths = np.asarray(bucket.lengths, dtype=np.int64)
     if len(lengths) == 0:
         tmp.unlink()
+        mask_tmp.unlink()
         return None
-    tokens = np.fromfile(tmp, dtype=dtype)
     order = np.random.default_rng([seed, b, split == "val"]).permutation(len(lengths))
     ends = np.cumsum(lengths)
     starts = ends - lengths
-    shuffled = np.concatenate([tokens[starts[i]:ends[i]] for i in order])
     name = f"{split}_{b:05d}.bin"
-    shuffled.tofile(work / name)
-    tmp.unlink()
-    return {"file": name, "tokens": int(len(shuffled)), "stories": int(len(lengths)), "bytes": bucket.nbytes}
+    for src, dst, typ in ((tmp, name, dtype), (mask_tmp, name[:-4] + ".mask", np.uint8)):
+        if dst == name or masked:
+            values = np.fromfile(src, dtype=typ)
+            np.concatenate([values[starts[i]:ends[i]] for i in order]).tofile(work / dst)
+        src.unlink()
+    shuffled_tokens = int(ends[-1])
+    return {"file": name, "tokens": shuffled_tokens, "stories": int(len(lengths)), "bytes": bucket.nbytes}
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,12 +258,17 @@ class TokenData:
         if own_shards:
             shards = shards[rank::world_size]
         dtype = np.dtype(self.meta["dtype"])
-        self.shards = []
+        self.shards, self.masks = [], []
         for s in shards:
             path = Path(data_dir) / s["file"]
             if not path.is_file() or path.stat().st_size != s["tokens"] * dtype.itemsize:
                 raise StoryGPTError(f"{path}: shard missing or truncated")
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+            if self.meta.get("mask"):
+                mask = path.with_suffix(".mask")
+                if not mask.is_file() or mask.stat().st_size != s["tokens"]:
+                    raise StoryGPTError(f"{mask}: loss mask missing or truncated")
+                self.masks.append(np.memmap(mask, dtype=np.uint8, mode="r"))
         self.rank = rank
         # (random stream, ranks drawing from it): a rank's own stream, or one stream shared by all ranks
         self.stream, self.sharing = (rank, 1) if own_shards else (0, world_size)
@@ -364,7 +276,8 @@ class TokenData:
         self.bytes = info["bytes"]
 
     def batch(self, step: int, batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) int64 tensors of shape (batch_size, seq_len); y is x shifted by one token."""
+        """(x, y) int64 tensors of shape (batch_size, seq_len); y is x shifted by one token, -1 where the
+        target is an instruction token (masked data: no loss there)."""
         sizes = np.array([len(s) - seq_len - 1 for s in self.shards])
         if sizes.max() < 0:
             raise StoryGPTError(f"seq_len {seq_len} is longer than the data ({self.tokens} tokens)")
@@ -376,23 +289,34 @@ class TokenData:
             mine = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
             which, offsets = which[mine], offsets[mine]
         rows = np.stack([self.shards[w][o:o + seq_len + 1] for w, o in zip(which, offsets)]).astype(np.int64)
-        t = torch.from_numpy(rows)
-        return t[:, :-1], t[:, 1:]
+        if self.masks:
+            masks = np.stack([self.masks[w][o:o + seq_len + 1] for w, o in zip(which, offsets)])
+            return _pairs(rows, masks)
+        return _pairs(rows)
 
     def sequential_batches(self, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fixed, non-overlapping windows from the start of the split: the same every time it is called."""
-        rows = []
-        for shard in self.shards:
+        rows, masks = [], []
+        for k, shard in enumerate(self.shards):
             for o in range(0, len(shard) - seq_len - 1 + 1, seq_len):
                 rows.append(np.asarray(shard[o:o + seq_len + 1], dtype=np.int64))
+                if self.masks:
+                    masks.append(np.asarray(self.masks[k][o:o + seq_len + 1]))
                 if len(rows) == batch_size * max_batches:
                     break
             if len(rows) == batch_size * max_batches:
                 break
         if not rows:
             raise StoryGPTError(f"seq_len {seq_len} is longer than the {self.tokens}-token split")
-        out = []
-        for i in range(0, len(rows), batch_size):
-            t = torch.from_numpy(np.stack(rows[i:i + batch_size]))
-            out.append((t[:, :-1], t[:, 1:]))
-        return out
+        return [_pairs(np.stack(rows[i:i + batch_size]), np.stack(masks[i:i + batch_size]) if masks else None)
+                for i in range(0, len(rows), batch_size)]
+
+
+def _pairs(rows: np.ndarray, masks: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of token windows one longer than seq_len; targets whose mask is 0 become -1
+    (the model's ignore_index)."""
+    t = torch.from_numpy(rows.astype(np.int64))
+    x, y = t[:, :-1], t[:, 1:]
+    if masks is not None:
+        y = y.masked_fill(torch.from_numpy(masks[:, 1:] == 0), -1)
+    return x, y

@@ -1,0 +1,249 @@
+"""`storygpt data instruct`: plain stories -> TinyStories-Instruct records, and the checks of whether a
+story honours an instruction (the words, the sentence, dialogue) that the data builder and the
+instruction-following benchmark share.
+
+Each record takes from its own story: `Words:` three words of it (a noun, a verb and an adjective
+where the part of speech is unambiguous in lemminflect's lexicon, as lemmas: "jumped" -> jump),
+`Random sentence:` one of its sentences, `Features: Dialogue` when it has quoted speech (the one
+feature of the paper's six that text shows reliably). Which fields appear, and their order, are
+drawn at random from a seeded generator; a share of the records (`request_share`) states the same
+requirements as one natural-language request instead ("Write a story that uses the words ...").
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from lemminflect import getAllInflections, getAllLemmas
+
+from .checkpoint import atomic_write
+from .errors import StoryGPTError
+from .instruct import FIELDS, header_prompt, request_prompt
+from .tokenizer import EOS_TEXT
+
+POS = ("NOUN", "VERB", "ADJ")
+# words too plain to be a requirement (the release's words are content words of a children's vocabulary)
+PLAIN = set("""be have do say go get make can will would could should may might must let see know want look come
+take give think tell feel like put keep try need thing way lot time day one bit kind sure next other many much
+mom dad mommy daddy mum mother father friend end yes no okay ok oh""".split())
+# function words that lemminflect's lexicon lists as nouns (pronouns, determiners, wh-words)
+PLAIN |= set("""i me my mine myself you your yours yourself yourselves he him his himself she her hers herself it
+its itself we us our ours ourselves they them their theirs themselves this that these those all both each every
+some any none few more most another such who whom whose what which where when why how something anything nothing
+everything someone anyone everyone nobody somebody anybody everybody there here""".split())
+QUOTE = r"[\"\u201c\u201d]"
+_SENTENCE = re.compile(r"[^.!?]+[.!?]+[\"\u201d]?")
+_WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
+
+
+# --------------------------------------------------------------------------------------------
+# What a story contains
+# --------------------------------------------------------------------------------------------
+def has_dialogue(story: str) -> bool:
+    """Quoted speech: a pair of quotation marks around at least two words."""
+    return re.search(QUOTE + r"[^\"\u201c\u201d]*\w+\W+\w+[^\"\u201c\u201d]*" + QUOTE, story) is not None
+
+
+def sentences(story: str) -> list[str]:
+    """The story's sentences (ending with . ! or ?, a closing quote kept with its sentence)."""
+    return [s.strip() for s in _SENTENCE.findall(story) if s.strip()]
+
+
+def _names(story: str) -> set[str]:
+    """Capitalised words that are not at the start of a sentence or quote: names (Lily, Max)."""
+    found = set()
+    for m in re.finditer(r"(?<![.!?\"\u201c\n]\s)(?<![.!?\"\u201c\n])(?<!^)\b([A-Z][a-z]+)", story):
+        before = story[:m.start()].rstrip()
+        if before and before[-1] not in ".!?\"\u201c\u201d:":
+            found.add(m.group(1).lower())
+    return found
+
+
+def content_words(story: str) -> dict[str, list[str]]:
+    """{part of speech: lemmas} of the story's words whose part of speech lemminflect can tell
+    (one of NOUN, VERB, ADJ and no other), without names and plain words; in order of appearance."""
+    names = _names(story)
+    out: dict[str, list[str]] = {p: [] for p in POS}
+    seen = set()
+    words = [w.lower() for w in _WORD.findall(story)]
+    for i, w in enumerate(words):
+        if w in seen or w in names or len(w) < 3:
+            continue
+        lemmas = getAllLemmas(w)
+        pos = _tell_pos(lemmas, words[i - 1] if i else "")
+        if pos is None:
+            continue
+        seen.add(w)
+        lemma = lemmas[pos][0]
+        if lemma not in PLAIN and lemma.isalpha() and all(lemma not in v for v in out.values()):
+            out[pos].append(lemma)
+    return out
+
+
+NOUN_BEFORE = set("a an the my your his her its our their this that some every each one two three".split())
+VERB_BEFORE = set("i you he she we they to".split())
+
+
+def _tell_pos(lemmas: dict, before: str) -> str | None:
+    """The part of speech when it is clear: the only reading the lexicon has, or for a word that is
+    both a noun and a verb (ball, jump), noun after a determiner and verb after a subject pronoun or "to"."""
+    readings = [p for p in lemmas if p in POS]
+    if len(lemmas) == 1 and readings:
+        return readings[0]
+    if set(lemmas) == {"NOUN", "VERB"}:
+        if before in NOUN_BEFORE:
+            return "NOUN"
+        if before in VERB_BEFORE:
+            return "VERB"
+    return None
+
+
+def inflections(word: str) -> set[str]:
+    """The word and its regular and irregular forms (jump: jumps, jumped, jumping), lower case."""
+    w = word.lower()
+    forms = {w}
+    for lemma_forms in getAllLemmas(w).values():
+        for lemma in lemma_forms:
+            forms.add(lemma.lower())
+            for infl in getAllInflections(lemma).values():
+                forms.update(f.lower() for f in infl)
+    for infl in getAllInflections(w).values():
+        forms.update(f.lower() for f in infl)
+    return forms
+
+
+def contains_word(story: str, word: str) -> bool:
+    """Whether the story uses the word, in any of its inflections."""
+    words = {w.lower() for w in _WORD.findall(story)}
+    return not words.isdisjoint(inflections(word))
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower().replace("\u2019", "'")).split())
+
+
+def contains_sentence(story: str, sentence: str) -> bool:
+    """Whether the story holds the sentence, ignoring case, punctuation and spacing."""
+    return f" {_norm(sentence)} " in f" {_norm(story)} "
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+def pick_words(story: str, rng: random.Random, n: int = 3) -> list[str]:
+    """n content words of the story: one per part of speech first (noun, verb, adjective, where the
+    story has them), then any others; empty when the story has fewer than n."""
+    by_pos = content_words(story)
+    chosen = [rng.choice(by_pos[p]) for p in POS if by_pos[p]]
+    rest = [w for p in POS for w in by_pos[p] if w not in chosen]
+    rng.shuffle(rest)
+    chosen = (chosen + rest)[:n]
+    if len(chosen) < n:
+        return []
+    rng.shuffle(chosen)
+    return chosen
+
+
+def pick_sentence(story: str, rng: random.Random) -> str | None:
+    """A sentence of 4 to 25 words that holds no quotation mark (a whole line the model can copy)."""
+    good = [s for s in sentences(story) if 4 <= len(s.split()) <= 25 and not re.search(QUOTE, s)]
+    return rng.choice(good) if good else None
+
+
+def requirements(story: str, rng: random.Random) -> dict:
+    """What a record built from this story may ask for: words, sentence, features (each may be absent)."""
+    found = {"words": pick_words(story, rng), "sentence": pick_sentence(story, rng),
+             "features": ["Dialogue"] if has_dialogue(story) else []}
+    return {k: v for k, v in found.items() if v}
+
+
+def _listing(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def request_text(req: dict, rng: random.Random) -> str:
+    """One natural-language request for these requirements, from varied templates."""
+    parts = []
+    if "words" in req:
+        parts.append(rng.choice(["use{s} the words {w}", "include{s} the words {w}", "use{s} the words: {w}",
+                                 "contain{s} the words {w}"]).replace("{w}", _listing(req["words"])))
+    if "sentence" in req:
+        parts.append(rng.choice(["include{s} the sentence \"{x}\"", "contain{s} the sentence \"{x}\"",
+                                 "use{s} the sentence \"{x}\"", "ha{s} the sentence \"{x}\" in it"])
+                     .replace("{x}", req["sentence"]))
+    if "features" in req:
+        parts.append(rng.choice(["ha{s} dialogue", "ha{s} some dialogue", "ha{s} characters talking to each other"]))
+    rng.shuffle(parts)
+    third = [p.replace("ha{s}", "has").replace("{s}", "s") for p in parts]
+    base = [p.replace("ha{s}", "have").replace("{s}", "") for p in parts]
+    kind = rng.choice(["a story", "a short story", "a story for a child", "a bedtime story", "a simple story"])
+    templates = [
+        lambda: f"Write {kind} that {_listing(third)}.",
+        lambda: f"Can you tell me {kind} that {_listing(third)}?",
+        lambda: f"Please write {kind}. It should {_listing(base)}.",
+        lambda: f"I would like {kind} that {_listing(third)}.",
+        lambda: f"Tell me {kind} that {_listing(third)}.",
+        lambda: f"Could you make up {kind}? It must {_listing(base)}.",
+    ]
+    return rng.choice(templates)()
+
+
+def make_record(story: str, rng: random.Random, request_share: float = 0.5) -> str | None:
+    """An instruct record of one story (prompt + " " + story), or None when nothing can be asked of it."""
+    story = story.strip()
+    req = requirements(story, rng)
+    keep = {k: v for k, v in req.items() if rng.random() < 0.75}
+    if not keep and req:
+        k = rng.choice(sorted(req))
+        keep = {k: req[k]}
+    if not keep:
+        return None
+    if rng.random() < request_share:
+        prompt = request_prompt(request_text(keep, rng))
+    else:
+        order = list(FIELDS)
+        rng.shuffle(order)
+        prompt = header_prompt(words=keep.get("words"), sentence=keep.get("sentence"),
+                               features=keep.get("features"), order=order)
+    return f"{prompt} {story}"
+
+
+def build(inputs: list[str], out: str, seed: int = 0, request_share: float = 0.5, copies: int = 1,
+          field: str | None = None) -> dict:
+    """Write OUT: TinyStories-Instruct records (TinyStories .txt format, `<|endoftext|>` lines between
+    records) for every story of `inputs`, `copies` records per story (different draws). Returns counts."""
+    from .data import check_inputs, expand_inputs, iter_stories
+
+    if not 0.0 <= request_share <= 1.0:
+        raise StoryGPTError(f"--request-share must be in [0, 1], got {request_share}")
+    if copies < 1:
+        raise StoryGPTError(f"--copies must be >= 1, got {copies}")
+    files = expand_inputs(inputs)
+    check_inputs(files, field)
+    counts = {"stories": 0, "records": 0, "skipped": 0}
+
+    def records() -> Iterator[str]:
+        for i, story in enumerate(iter_stories(files, field)):
+            counts["stories"] += 1
+            rng = random.Random(f"{seed}:{i}")
+            for _ in range(copies):
+                record = make_record(story, rng, request_share)
+                if record is None:
+                    counts["skipped"] += 1
+                    continue
+                counts["records"] += 1
+                yield record
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for record in records():
+                fh.write(f"{record}\n{EOS_TEXT}\n")
+
+    atomic_write(Path(out), write)
+    if counts["records"] == 0:
+        Path(out).unlink()
+        raise StoryGPTError("no story gave an instruction record (too short?)")
+    return counts
