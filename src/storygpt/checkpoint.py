@@ -218,6 +218,34 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL
 
 
+INSTRUCT_MODEL = Path(__file__).parent / "instruct_model"
+SHIPPED_MODELS = ("default", "instruct")  # the names `--model` and `storygpt.load()` take for the shipped models
+
+
+def instruct_model_installed() -> bool:
+    """Whether the instruction-tuned model ships with this copy (src/storygpt/instruct_model: a model
+    directory, or an adapter folder over the default model)."""
+    return (INSTRUCT_MODEL / WEIGHTS).is_file() or (INSTRUCT_MODEL / "adapter_config.json").is_file()
+
+
+def instruct_model_path() -> Path:
+    """The instruction-tuned model installed with the package (src/storygpt/instruct_model)."""
+    if not instruct_model_installed():
+        raise StoryGPTError("no instruct model is installed with this copy of storygpt; pass --model DIR of an "
+                            "instruction-tuned model")
+    return INSTRUCT_MODEL
+
+
+def shipped_or(path: str | os.PathLike | None) -> str | os.PathLike:
+    """`path` itself, except None or "default" (the shipped model) and "instruct" (the shipped instruct model),
+    which name the models installed with the package (a folder of that name is ./default, ./instruct)."""
+    if path is None or str(path) == "default":
+        return default_model_path()
+    if str(path) == "instruct":
+        return instruct_model_path()
+    return path
+
+
 def trained_context(cfg: ModelConfig, info: dict) -> int:
     """The context a model can be used with: the training seq_len recorded with it, at most max_seq_len
     (RoPE does not extrapolate past what it was trained on)."""

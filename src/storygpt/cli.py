@@ -91,10 +91,10 @@ def cmd_eval(args) -> None:
     if args.record:
         from pathlib import Path
 
-        from .checkpoint import default_model_path, record_eval
+        from .checkpoint import record_eval, shipped_or
 
         name = "+".join(Path(f).name for f in args.text) if args.text else f"{Path(args.data).name}:{args.split}"
-        record_eval(args.model or default_model_path(), name, result)
+        record_eval(shipped_or(args.model), name, result)
     if args.json:
         print(json.dumps(result))
     else:
@@ -130,22 +130,29 @@ def cmd_eval_suite(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generate import load
+    from .generate import instruction_header, load
 
     prompt = args.prompt or ""
     try:
-        prompt.encode("utf-8")
+        for text in (prompt, args.sentence, args.summary, args.request):
+            (text or "").encode("utf-8")
     except UnicodeEncodeError:
         raise StoryGPTError("prompt is not valid UTF-8 text") from None
     if args.num_samples < 1:
         raise StoryGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
+    instruction = dict(words=args.words, sentence=args.sentence, features=args.features, summary=args.summary,
+                       request=args.request)
+    instruction_header(**instruction)  # bad requirements fail before the model loads
     model = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
+    model_prompt = model.instruct_prompt(prompt, **instruction)  # a plain model refuses requirements
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                   **instruction)
     if args.json or args.num_samples > 1 or args.no_stream:
         stories = model.generate(prompt, num_samples=args.num_samples, **options)
         if args.json:
-            print(json.dumps({"prompt": prompt, "stories": stories, "stats": model.last_stats}))
+            extra = {"instruction": model_prompt} if model_prompt is not None else {}
+            print(json.dumps({"prompt": prompt, **extra, "stories": stories, "stats": model.last_stats}))
         else:
             print("\n\n".join(stories) if args.num_samples == 1 else
                   "\n\n".join(f"--- story {i + 1} ---\n{t}" for i, t in enumerate(stories)))
@@ -311,7 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="write a story from a prompt")
     g.add_argument("prompt", nargs="?", default="", help="the story's beginning (default: start from scratch)")
-    g.add_argument("--model", default=None, help="model or run directory (default: the shipped model)")
+    g.add_argument("--model", default=None, help="model or run directory (default: the shipped model; "
+                   "'instruct': the shipped instruction-tuned model)")
+    ins = g.add_argument_group("instructions (instruction-tuned models: --model instruct, or one fine-tuned on "
+                               "TinyStories-Instruct); the story is printed without them, the prompt is its beginning")
+    ins.add_argument("--words", help="words the story must use, comma-separated: dog,ball,happy")
+    ins.add_argument("--sentence", help="a sentence the story must contain")
+    ins.add_argument("--features", help="comma-separated, of: Dialogue, BadEnding, MoralValue, Twist, Foreshadowing, "
+                     "Conflict (case, spaces and '-' do not matter)")
+    ins.add_argument("--summary", help="what the story is about, in a sentence or two")
+    ins.add_argument("--request", help="instead of the above, a request in plain words: \"Write a story about ...\"")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import default_model_path, load_model, trained_context
+from .checkpoint import load_model, shipped_or, trained_context
 from .data import TokenData, expand_inputs, iter_stories
 from .device import autocast, pick_device, pick_dtype
 from .errors import StoryGPTError
@@ -106,7 +106,7 @@ def evaluate(model: str | os.PathLike | None, text: list[str] | None = None, dat
         raise StoryGPTError("give either --text FILE... or --data DIR")
     dev = pick_device(device)
     amp = pick_dtype(dev, "fp32" if dtype == "int8" else dtype)
-    net, tokenizer, info = load_model(default_model_path() if model is None else model, device=dev)
+    net, tokenizer, info = load_model(shipped_or(model), device=dev)  # None, "default", "instruct": shipped
     if dtype == "int8":  # the int8 weights of `storygpt generate --dtype int8`, fp32 activations
         from .quantize import quantize_int8
 

@@ -5,7 +5,13 @@ sampling filters and options are in sampling.py.
 Context: a story starts after an end-of-story token, then the prompt. When prompt + story outgrow
 the model's context, decoding slides: the cache is refilled with the most recent half-context of
 tokens and the story goes on (a prompt longer than the context keeps its last tokens). The text
-returned is always the full prompt plus everything generated.
+returned is the full prompt plus everything generated.
+
+Instruction-tuned models (TinyStories-Instruct, see instruct.py) also take requirements: `words`,
+`sentence`, `features`, `summary`, or a plain-language `request`. The model then reads the instruction
+prompt (`Words: ...` lines ending with `Story:`) and what is returned is the story alone, without the
+instruction: the `prompt`, when given, is the story's beginning (written after `Story:`), else the story
+starts with the model's first word.
 """
 
 from __future__ import annotations
@@ -16,16 +22,47 @@ from collections.abc import Iterator
 
 import torch
 
-from .checkpoint import default_model_path, load_model, trained_context
+from .checkpoint import load_model, shipped_or, trained_context
 from .device import DTYPES, maybe_compile, pick_device, pick_dtype, supports_dtype
 from .errors import StoryGPTError
 from .batching import Batcher, Done, Piece, Story
+from .instruct import header_prompt, is_instruct, request_prompt, require_instruct
 from .model import Transformer
 from .sampling import MAX_NEW_TOKENS, SamplingOptions  # noqa: F401 - also storygpt.generate's API
 from .sampling import apply_repetition_penalty, sample_next, top_k_filter, top_p_filter  # noqa: F401
 from .tokenizer import Tokenizer
 
 MAX_SAMPLES = 64
+INSTRUCTIONS = ("words", "sentence", "features", "summary", "request")  # generate()'s instruction keywords
+
+
+def instruction_header(words=None, sentence: str | None = None, features=None, summary: str | None = None,
+                       request: str | None = None) -> str | None:
+    """The instruction part of an instruct model's prompt, ending with `Story:` (None when nothing is asked):
+    `request_prompt(request)`, or `header_prompt(words, sentence, features, summary)`. Raises StoryGPTError for
+    unknown features, an empty word list, empty text, or a request together with the other fields."""
+    fields = {"words": words, "sentence": sentence, "features": features, "summary": summary}
+    if request is None and all(v is None for v in fields.values()):
+        return None
+    if request is not None:
+        if any(v is not None for v in fields.values()):
+            raise StoryGPTError("a request replaces words, sentence, features and summary: give one or the other")
+        return request_prompt(request)
+    return header_prompt(**fields)
+
+
+class StoryStart:
+    """Drops the whitespace each sample's story starts with (the space after `Story:`), across its pieces."""
+
+    def __init__(self):
+        self.started: set[int] = set()
+
+    def __call__(self, index: int, text: str) -> str:
+        if index not in self.started:
+            text = text.lstrip()
+            if text:
+                self.started.add(index)
+        return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,31 +87,84 @@ class StoryModel:
                                        freezing=self.weights != "int8")
 
     # --- public API ------------------------------------------------------------------------
-    def generate(self, prompt: str = "", num_samples: int | None = None, **options) -> str | list[str]:
+    def generate(self, prompt: str = "", num_samples: int | None = None, *, words=None, sentence: str | None = None,
+                 features=None, summary: str | None = None, request: str | None = None,
+                 **options) -> str | list[str]:
         """The prompt followed by a generated story (a list of `num_samples` of them if given).
 
         Options: max_new_tokens=256, temperature=0.8 (0 = greedy), top_k=0 (off), top_p=0.95,
         repetition_penalty=1.0, seed=None, stop=[] (strings that end the story, not included),
         ignore_eos=False (True: never end early, always max_new_tokens tokens; for benchmarks).
+
+        Instruction-tuned models (`is_instruct`) also take what the story must have: `words` (a list or
+        "dog,ball,happy"), `sentence` (to appear in it), `features` (of instruct.FEATURES: "Dialogue",
+        "BadEnding", ...), `summary`, or instead a plain-language `request` ("Write a story about ...").
+        Then the model reads that instruction (`instruct_prompt`) and the story alone is returned, without
+        the instruction: it starts with `prompt` when one is given (the story's beginning), else with the
+        model's first word. A model that is not instruction-tuned refuses them (StoryGPTError).
         """
+        model_prompt, start, fix = self._story(prompt, words, sentence, features, summary, request)
         n = 1 if num_samples is None else num_samples
-        texts = [prompt] * n
-        for i, piece in self._run(prompt, n, SamplingOptions(**options)):
-            texts[i] += piece
+        texts = [start] * n
+        for i, piece in self._run(model_prompt, n, SamplingOptions(**options)):
+            texts[i] += fix(i, piece) if fix else piece
         return texts[0] if num_samples is None else texts
 
-    def stream(self, prompt: str = "", **options) -> Iterator[str]:
-        """Yield the prompt, then the story piece by piece as it is generated (same options)."""
-        yield prompt
-        for _, piece in self._run(prompt, 1, SamplingOptions(**options)):
-            yield piece
+    def request(self, text: str, num_samples: int | None = None, **options) -> str | list[str]:
+        """A story for a plain-language request ("Write a story about a dog who finds a ball"): the story
+        alone (instruction-tuned models only; `generate(request=text)`)."""
+        return self.generate("", num_samples, request=text, **options)
 
-    def stream_samples(self, prompt: str = "", num_samples: int = 1, stats: dict | None = None,
-                       **options) -> Iterator[tuple[int, str]]:
+    def stream(self, prompt: str = "", *, words=None, sentence: str | None = None, features=None,
+               summary: str | None = None, request: str | None = None, **options) -> Iterator[str]:
+        """Yield the prompt, then the story piece by piece as it is generated (same options and instructions
+        as `generate`; with an instruction, the first piece is the story's beginning, "" without one)."""
+        model_prompt, start, fix = self._story(prompt, words, sentence, features, summary, request)
+        yield start
+        for i, piece in self._run(model_prompt, 1, SamplingOptions(**options)):
+            piece = fix(i, piece) if fix else piece
+            if piece or not fix:
+                yield piece
+
+    def stream_samples(self, prompt: str = "", num_samples: int = 1, stats: dict | None = None, *, words=None,
+                       sentence: str | None = None, features=None, summary: str | None = None,
+                       request: str | None = None, **options) -> Iterator[tuple[int, str]]:
         """Yield (sample index, new text) for `num_samples` stories decoded in one batch, without the
         prompt. `stats` (a dict), if given, receives this call's speed figures when it ends: the
-        thread-safe alternative to `last_stats` for servers running several calls at once."""
-        return self._run(prompt, num_samples, SamplingOptions(**options), stats)
+        thread-safe alternative to `last_stats` for servers running several calls at once. Instructions as
+        for `generate` (the text is then the story's, without the instruction and the story's beginning)."""
+        model_prompt, _, fix = self._story(prompt, words, sentence, features, summary, request)
+        pieces = self._run(model_prompt, num_samples, SamplingOptions(**options), stats)
+        if fix is None:
+            return pieces
+        return ((i, text) for i, piece in pieces if (text := fix(i, piece)))
+
+    @property
+    def is_instruct(self) -> bool:
+        """Whether the model is instruction-tuned (TinyStories-Instruct): config.json's `storygpt.instruct`."""
+        return is_instruct(self.info)
+
+    def instruct_prompt(self, prompt: str = "", words=None, sentence: str | None = None, features=None,
+                        summary: str | None = None, request: str | None = None) -> str | None:
+        """The text an instruction-tuned model reads for a story with these requirements: the instruction
+        (instruct.header_prompt or request_prompt, ending with `Story:`), then " " and the story's beginning
+        `prompt` if there is one. None when nothing is asked (`prompt` is then a plain story beginning).
+        StoryGPTError when this model is not instruction-tuned, or for bad requirements."""
+        if all(v is None for v in (words, sentence, features, summary, request)):
+            return None
+        return self._story(prompt, words, sentence, features, summary, request)[0]
+
+    def _story(self, prompt, words, sentence, features, summary, request) -> tuple[str, str, StoryStart | None]:
+        """(the text the model reads, what the returned story starts with, a StoryStart when the story's first
+        whitespace is to be dropped, else None)."""
+        if not isinstance(prompt, str):
+            raise StoryGPTError("prompt must be text")
+        if all(v is None for v in (words, sentence, features, summary, request)):
+            return prompt, prompt, None
+        require_instruct(self.info, self.path or "this model")
+        head = instruction_header(words, sentence, features, summary, request)
+        start = prompt.lstrip()
+        return head + (" " + start if start else ""), start, None if start else StoryStart()
 
     def warm_up(self) -> None:
         """Decode two tokens, so that a compiled model (compile=True) compiles now, for one story at a
@@ -145,7 +235,8 @@ def _frozen(step, device: torch.device, freezing: bool = True):
 
 def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
          compile: bool = False) -> StoryModel:
-    """Load a model directory or run directory (default: the model shipped with storygpt).
+    """Load a model directory or run directory (default: the model shipped with storygpt; "default" and
+    "instruct" name the shipped models, the second when it is installed: instruct.py's prompt format).
 
     compile=True decodes each token with one torch.compile'd graph: faster per token once compiled
     (the first story per batch size pays the compile, seconds to a minute): for servers and benchmarks.
@@ -156,8 +247,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str
     "int8" (CPU): weight-only int8 matrices (storygpt.quantize), fp32 activations: 1/4 of the weights'
     bytes for a small loss in held-out bits/byte; slower than fp32 on AVX2-only CPUs (see the README).
     """
-    if path is None:
-        path = default_model_path()
+    path = shipped_or(path)
     dev = pick_device(device)
     if dtype == "auto":
         dtype = pick_dtype(dev, "auto")
