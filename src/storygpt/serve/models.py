@@ -1,4 +1,5 @@
-"""The models a server has: loaded from `[NAME=]DIR` specs, named after their folders or NAME."""
+"""The models a server has: loaded from `[NAME=]DIR` specs, named after their folders or NAME ("default" and
+"instruct" are the shipped models, storygpt-default and storygpt-instruct)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,29 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..checkpoint import instruct_model_installed
 from ..errors import StoryGPTError
 from ..generate import StoryModel, load
 
 DEFAULT_MODEL_NAME = "storygpt-default"
+INSTRUCT_MODEL_NAME = "storygpt-instruct"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def model_name(path: str | os.PathLike | None) -> str:
-    return DEFAULT_MODEL_NAME if path is None else Path(path).resolve().name
+    if path is None or str(path) == "default":
+        return DEFAULT_MODEL_NAME
+    return INSTRUCT_MODEL_NAME if str(path) == "instruct" else Path(path).resolve().name
 
 
 def load_models(specs: Sequence[str | os.PathLike | None] | None, device: str = "auto",
                 dtype: str = "auto", compile: bool = False) -> dict[str, StoryModel]:
-    """Load `[NAME=]DIR` model specs (None or no specs: the shipped model), named by NAME or the folder's name."""
+    """Load `[NAME=]DIR` model specs, named by NAME or the folder's name. None or no specs: the shipped model,
+    and the shipped instruct model after it when it is installed."""
     models: dict[str, StoryModel] = {}
-    for spec in specs or [None]:
+    if not specs:
+        specs = [None] + (["instruct"] if instruct_model_installed() else [])
+    for spec in specs:
         name, path = None, spec
         if isinstance(spec, str) and "=" in spec and NAME_RE.fullmatch(spec.split("=", 1)[0]):
             name, path = spec.split("=", 1)

@@ -35,7 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..batching import Done, Event, Finish, Piece
 from ..errors import StoryGPTError
-from ..generate import StoryModel
+from ..generate import StoryModel, StoryStart
+from ..instruct import request_prompt
 from .engine import Engine, QueueFull, Ticket, TooManyStories
 from .models import check_names, load_models
 from .schemas import (ERRORS, MAX_BODY_BYTES, MAX_N, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
@@ -154,6 +155,19 @@ def with_echo(events: AsyncIterator[Event], prompts: list[str], n: int) -> Async
     return echoed()
 
 
+def story_only(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """An instruct model's story as the reply: without the space that follows `Story:` in its prompt."""
+    async def stripped() -> AsyncIterator[Event]:
+        start = StoryStart()
+        async for event in events:
+            if isinstance(event, Piece):
+                event = Piece(event.index, start(event.index, event.text))
+                if not event.text:
+                    continue
+            yield event
+    return stripped()
+
+
 def count_tokens(done: Done, counts: list[int]) -> None:
     counts[0] += done.stats["prompt_tokens"]
     counts[1] += sum(done.stats["tokens_per_sample"])
@@ -244,8 +258,20 @@ def _check_prompt(model: StoryModel, prompt: str, param: str) -> None:
                             f"the prompt must be shorter than that", param=param, code="context_length_exceeded")
 
 
-def _chat_prompt(messages: list[ChatMessage]) -> str:
-    """The content of the last user message: this model continues stories, it does not hold conversations."""
+def _chat_prompt(messages: list[ChatMessage], model: StoryModel) -> str:
+    """The prompt of a chat: this model writes stories, it does not hold conversations. A plain model continues
+    the content of the last user message; an instruction-tuned model reads it as a request (its chat format:
+    `request_prompt(content)`, "Request: ...\nStory:")."""
+    content = _last_user_message(messages)
+    if not model.is_instruct:
+        return content
+    try:
+        return request_prompt(content)
+    except StoryGPTError as exc:  # empty, or longer than a request may be
+        raise APIError(400, f"the last user message is this model's request: {exc}", param="messages") from None
+
+
+def _last_user_message(messages: list[ChatMessage]) -> str:
     for message in reversed(messages):
         if message.role == "user":
             content = message.content or ""
@@ -305,12 +331,12 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
 
     @app.get("/v1/models", response_model=ModelList, dependencies=guard, responses=auth_errors, tags=["openai"])
     async def list_models() -> dict:
-        return {"object": "list", "data": [_card(name, created) for name in models]}
+        return {"object": "list", "data": [_card(name, model, created) for name, model in models.items()]}
 
     @app.get("/v1/models/{model}", response_model=ModelCard, dependencies=guard,
              responses={**auth_errors, 404: ERRORS[404]}, tags=["openai"])
     async def get_model(model: str) -> dict:
-        return _card(_pick_model(models, model)[0], created)
+        return _card(*_pick_model(models, model), created)
 
     @app.post("/v1/completions", response_model=Completion, dependencies=guard, tags=["openai"],
               responses={**stream_doc(CompletionChunk), **auth_errors, **ERRORS})
@@ -322,11 +348,14 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=guard, tags=["openai"],
               responses={**stream_doc(ChatCompletionChunk), **auth_errors, **ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        """The last user message is the story prompt (other messages are ignored); the reply continues it."""
-        return await _complete(request, body, [_chat_prompt(body.messages)], "messages", chat=True, echo=False)
+        """The last user message is the story prompt (other messages are ignored); the reply continues it. For an
+        instruction-tuned model (`instruct` in /v1/models) it is a request for a story, and the reply is the story."""
+        model = _pick_model(models, body.model)[1]
+        return await _complete(request, body, [_chat_prompt(body.messages, model)], "messages", chat=True, echo=False,
+                               story=model.is_instruct)
 
     async def _complete(request: Request, body: SamplingRequest, prompts: list[str], param: str, chat: bool,
-                        echo: bool) -> Any:
+                        echo: bool, story: bool = False) -> Any:
         name, model = _pick_model(models, body.model)
         n = value(body, "n")
         if len(prompts) * n > MAX_N:
@@ -345,6 +374,8 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
         choices = len(prompts) * n
         if echo:
             events = with_echo(events, prompts, n)
+        if story:
+            events = story_only(events)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(sse_events(events, chat, name, choices, include_usage), ticket)
@@ -372,8 +403,8 @@ def _busy(exc: QueueFull) -> APIError:
     return APIError(503, str(exc), "server_error", code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def _card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "storygpt"}
+def _card(name: str, model: StoryModel, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "storygpt", "instruct": model.is_instruct}
 
 
 def _version() -> str:

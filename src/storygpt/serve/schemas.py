@@ -116,7 +116,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, json_schema_extra=HAS_USER_MESSAGE,
-                                        description="the content of the last `user` message is the story prompt")
+                                        description="the content of the last `user` message is the story prompt "
+                                                    "(for an instruct model: the request for a story)")
     max_completion_tokens: Integer(1, MAX_NEW_TOKENS) | None = Field(None, description="replaces max_tokens")
     logprobs: bool | None = Field(None, description="not supported: only false")
     top_logprobs: Integer(0, 0) | None = Field(None, description="not supported")
@@ -207,6 +208,8 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    instruct: bool = Field(False, description="extension: an instruction-tuned model; chat messages are requests for a "
+                                              "story (\"Write a story about ...\") and the reply is the story")
 
 
 class ModelList(BaseModel):
