@@ -10,6 +10,10 @@ HTTP server's): every session's story joins the same batch (continuous batching)
 to that session's page as they are decoded. Stopping works the Streamlit way: pressing Stop asks for a
 rerun, which interrupts the running script at its next write (the story leaves the batch); the words
 written so far are kept in the session state.
+
+An instruction-tuned model (TinyStories-Instruct, `storygpt.instruct`) also gets inputs for words the
+story must use, a sentence it must contain and its features; the story is then written for that
+instruction (`StoryModel.instruct_prompt`), and the text box holds the story's beginning, if any.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ import streamlit as st
 
 import storygpt
 from storygpt.batching import Done, Piece
-from storygpt.checkpoint import resolve_model_path
+from storygpt.checkpoint import SHIPPED_MODELS, instruct_model_installed, resolve_model_path, shipped_or
 from storygpt.device import pick_device
 from storygpt.errors import StoryGPTError
-from storygpt.generate import StoryModel
+from storygpt.generate import StoryModel, StoryStart
+from storygpt.instruct import FEATURES
 from storygpt.serve.engine import Engine, QueueFull
 
 MODELS_ENV = "STORYGPT_APP_MODELS"
@@ -46,20 +51,21 @@ EXAMPLES = [
     "One day, a boy named Ben wanted to bake a cake for his mom.",
 ]
 DEFAULTS = {"prompt": "", "max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p": 0.95,
-            "repetition_penalty": 1.0, "seed": 42, "fresh_seed": True}
+            "repetition_penalty": 1.0, "seed": 42, "fresh_seed": True, "words": "", "sentence": "", "features": []}
 
 
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
 def model_choices() -> dict[str, str | None]:
-    """Display name -> model folder (None = the shipped default model), from STORYGPT_APP_MODELS."""
+    """Display name -> model folder (None = the shipped default model, "instruct" = the shipped instruct model),
+    from STORYGPT_APP_MODELS; none: the shipped models (the instruct one when it is installed)."""
     paths = json.loads(os.environ.get(MODELS_ENV) or "[]")
     if not paths:
-        return {"storygpt default": None}
+        return {"storygpt default": None, **({"storygpt instruct": "instruct"} if instruct_model_installed() else {})}
     names: dict[str, str | None] = {}
     for p in paths:
-        name = Path(p).name or str(p)
+        name = f"storygpt {p}" if p in SHIPPED_MODELS else Path(p).name or str(p)
         names[name if name not in names else str(p)] = p
     return names
 
@@ -141,6 +147,21 @@ def options() -> dict:
                 top_p=float(ss.top_p), repetition_penalty=float(ss.repetition_penalty), seed=int(ss.seed))
 
 
+def instruction() -> dict:
+    """The instruct model's inputs that are filled in (words, sentence, features)."""
+    ss = st.session_state
+    given = {"words": ss.words.strip(), "sentence": ss.sentence.strip(), "features": list(ss.features)}
+    return {k: v for k, v in given.items() if v}
+
+
+def instruct_inputs() -> None:
+    st.text_input("Words the story must use (comma-separated)", key="words", placeholder="dog, ball, happy",
+                  max_chars=200)
+    st.text_input("A sentence the story must contain", key="sentence", max_chars=1000)
+    st.multiselect("Features", FEATURES, key="features",
+                   help="Dialogue, a bad ending, a moral value, a twist, foreshadowing, conflict")
+
+
 def check_prompt(model: StoryModel, prompt: str) -> str | None:
     """A friendly message if the prompt cannot be used, else None."""
     n = model.count_tokens(prompt)
@@ -150,19 +171,24 @@ def check_prompt(model: StoryModel, prompt: str) -> str | None:
     return None
 
 
-def write_story(engine: Engine, prompt: str, opts: dict, stop_slot) -> None:
-    """Stream a story into the page; on success add it to the history."""
+def write_story(engine: Engine, prompt: str, opts: dict, stop_slot, model_prompt: str | None = None) -> None:
+    """Stream a story into the page; on success add it to the history. `model_prompt`: what an instruct model
+    reads (the instruction, then the story's beginning `prompt`)."""
     ss = st.session_state
     stats: dict = {}
+    start = StoryStart() if model_prompt is not None and not prompt else None  # no space after "Story:"
     ss.partial = {"prompt": prompt, "story": "", "seed": opts["seed"], "model": ss.model_name}
+    if model_prompt is not None:
+        ss.partial["instruction"] = model_prompt
     stop_slot.button("Stop", on_click=stop_story, key="stop")
 
     def pieces():
         yield prompt_markdown(prompt)
-        for event in engine.events(prompt, 1, **opts):  # leaving early (Stop) takes the story out of the batch
+        for event in engine.events(model_prompt or prompt, 1, **opts):  # leaving early (Stop): out of the batch
             if isinstance(event, Piece):
-                ss.partial["story"] += event.text
-                yield as_markdown(event.text)
+                text = start(event.index, event.text) if start else event.text
+                ss.partial["story"] += text
+                yield as_markdown(text)
             elif isinstance(event, Done):
                 stats.update(event.stats)
 
@@ -220,6 +246,8 @@ def history() -> None:
     for i, e in enumerate(entries):
         title = (e["prompt"].strip() or e["story"].strip())[:60] or "(empty)"
         with st.expander(f"{e['time']} · {title}…", expanded=False):
+            if e.get("instruction"):
+                st.caption(as_markdown(e["instruction"]))
             st.markdown(as_markdown(story_text(e)))
             show_stats(e)
             st.download_button("Download (.txt)", story_text(e), file_name=f"story-{e['seed']}.txt",
@@ -247,6 +275,8 @@ def main() -> None:
     for i, (col, text) in enumerate(zip(cols, EXAMPLES)):
         col.button(text[:28] + "…", key=f"example_{i}", on_click=use_example, args=(text,), help=text,
                    use_container_width=True)
+    if model.is_instruct:
+        instruct_inputs()
     st.text_area("Beginning of the story (empty = the model starts from scratch)", key="prompt", height=100,
                  max_chars=4000)
     left, right = st.columns([1, 1])
@@ -260,12 +290,19 @@ def main() -> None:
 
     if ss.writing:
         ss.writing = False
-        problem = check_prompt(model, ss.prompt)
+        prompt, model_prompt = ss.prompt, None
+        try:
+            if model.is_instruct and instruction():
+                model_prompt = model.instruct_prompt(prompt, **instruction())
+                prompt = prompt.lstrip()
+            problem = check_prompt(model, model_prompt or prompt)
+        except StoryGPTError as e:
+            problem = f"Those requirements don't work: {e}"
         if problem:
             st.warning(problem)
         else:
             try:
-                write_story(engine, ss.prompt, options(), stop_slot)
+                write_story(engine, prompt, options(), stop_slot, model_prompt)
                 show_stats(ss.history[0])
             except QueueFull:
                 ss.partial = None
@@ -289,7 +326,7 @@ def main() -> None:
 # --------------------------------------------------------------------------------------------
 def find_models(models: list[str] | None = None, models_dir: str | None = None) -> list[str]:
     """The model folders to offer: each of `models`, then every model or run folder inside `models_dir`."""
-    found = [str(resolve_model_path(m)) for m in models or []]
+    found = [m if m in SHIPPED_MODELS and shipped_or(m) else str(resolve_model_path(m)) for m in models or []]
     if models_dir is not None:
         root = Path(models_dir)
         if not root.is_dir():
