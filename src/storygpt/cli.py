@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("app", help="the web app: type a prompt, watch a story being written")
     a.add_argument("--model", action="append", default=None, help="model or run directory (repeatable; "
-                   "default: the shipped model)")
+                   "default: the shipped models: default, and instruct when installed)")
     a.add_argument("--models-dir", help="offer every model or run folder inside this directory")
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     a.add_argument("--port", type=int, default=8501)
@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not")
     s.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
-                   help="model or run directory, repeatable; named after its folder (default: the shipped model)")
+                   help="model or run directory, repeatable; named after its folder (default: the shipped model, "
+                        "storygpt-default, and storygpt-instruct when installed; 'default', 'instruct' name them)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="0 = any free port")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $STORYGPT_API_KEY)")
