@@ -14,6 +14,9 @@ Model directory (no pickles, loadable anywhere):
     config.json            {"model": ModelConfig, "storygpt": {...facts: params, val loss, bpb...}}
     model.safetensors
     tokenizer.model, tokenizer.json
+
+Adapter folder (`storygpt finetune --lora`, RUN/adapter; see adapters.py): a PEFT LoRA adapter and storygpt.json
+naming its base model; loading one loads the base and merges the adapter.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import adapters
 from .errors import StoryGPTError
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
@@ -253,16 +257,19 @@ def trained_context(cfg: ModelConfig, info: dict) -> int:
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A model directory, or a run directory (its exported model, else its best/latest checkpoint)."""
+    """A model directory, an adapter folder, or a run directory (its exported model or adapter, else its
+    best/latest checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise StoryGPTError(f"{path}: no such model or run directory")
     if path.is_file():
         raise StoryGPTError(f"{path}: expected a model or run directory, got a file")
-    if (path / WEIGHTS).is_file():
+    if (path / WEIGHTS).is_file() or adapters.is_adapter_dir(path):
         return path
     if (path / "model" / WEIGHTS).is_file():
         return path / "model"
+    if adapters.is_adapter_dir(path / "adapter"):
+        return path / "adapter"
     if (path / BEST).is_file() or (path / LATEST).is_file():
         return path
     raise StoryGPTError(f"{path}: not a model directory (no {WEIGHTS}) nor a run directory (no checkpoint)")
@@ -270,8 +277,10 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer, dict]:
-    """Load (model in eval mode, tokenizer, info) from a model directory or a run directory."""
+    """Load (model in eval mode, tokenizer, info) from a model directory, an adapter folder or a run directory."""
     path = resolve_model_path(path)
+    if adapters.is_adapter_dir(path):
+        return load_adapter(path, device, dtype)
     if (path / WEIGHTS).is_file():
         cfg_path = path / "config.json"
         try:
@@ -292,6 +301,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         ckpt = load_checkpoint(ckpt_path)
         cfg = ModelConfig.from_dict(ckpt["config"]["model"])
         state = checkpoint_weights(ckpt_path, ckpt, cfg)
+        if (ckpt.get("finetune") or {}).get("lora"):  # a LoRA run's checkpoint: a PEFT model's weights
+            state = adapters.merge_lora_state(cfg, state, ckpt["finetune"]["lora"])
         info = {"step": ckpt["step"], "val_loss": ckpt.get("best_val_loss"), "train": ckpt["config"]["train"]}
         tokenizer = Tokenizer.load(path / "tokenizer")
     if tokenizer.vocab_size != cfg.vocab_size:
@@ -308,3 +319,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise StoryGPTError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer, info
+
+
+def load_adapter(path: Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer, dict]:
+    """An adapter folder: its base model (a path, or "default") with the adapter merged in (see adapters.py)."""
+    spec = adapters.read_spec(path)
+    net, tokenizer, info = load_model(adapter_base(path, spec))
+    net = adapters.apply_adapter(net, tokenizer, path, spec)
+    return net.to(device=device, dtype=dtype).eval(), tokenizer, adapters.adapter_info(info, spec, path)
+
+
+def adapter_base(path: Path, spec: dict) -> Path:
+    """The folder of an adapter's base model (storygpt.json's `base_model`: a path, or "default")."""
+    return default_model_path() if spec["base_model"] == "default" else adapters.find_base(path, spec)

@@ -76,6 +76,17 @@ def cmd_train(args) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def cmd_finetune(args) -> None:
+    from .finetune import finetune
+
+    summary = finetune(args.model, args.data, args.out, lora=args.lora, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                       seq_len=args.seq_len, overrides=args.set, resume=args.resume, compile=args.compile,
+                       dtype="fp32" if args.fp32 else None, progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns; one prints
+        print(json.dumps(summary, indent=2))
+
+
 def cmd_eval(args) -> None:
     if args.suite:
         return cmd_eval_suite(args)
@@ -285,6 +296,30 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the config's (ddp)")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
+
+    ft = sub.add_parser("finetune", help="train a trained model further (all weights, or a LoRA adapter)",
+                        description="Fine-tune a model on data prepared with its tokenizer (`storygpt data prepare "
+                                    "--tokenizer MODEL`). Full fine-tuning writes RUN/model (a model directory); "
+                                    "--lora R writes RUN/adapter (PEFT's adapter files + storygpt.json naming the "
+                                    "base model), which --model takes like a model directory.")
+    ft.add_argument("--model", default=None, help="model or run directory to start from (default: the shipped model)")
+    ft.add_argument("--data", help="prepared data directory (default on --resume: the run's)")
+    ft.add_argument("--out", required=True, help="run directory")
+    ft.add_argument("--lora", type=int, default=None, metavar="R", help="train a LoRA adapter of rank R instead of "
+                    "all weights (attention q/k/v/o and MLP projections; default lr 2e-3 instead of 3e-4)")
+    ft.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA scale alpha (default: 2 R)")
+    ft.add_argument("--lora-dropout", type=float, default=None, metavar="P", help="dropout on LoRA's input (default 0)")
+    ft.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    ft.add_argument("--lr", type=float, help="peak learning rate (default 3e-4; with --lora 2e-3)")
+    ft.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
+    ft.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's trained context)")
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a train key (e.g. eval_interval=25) or model.dropout")
+    ft.add_argument("--resume", action="store_true", help="continue --out from its latest checkpoint")
+    ft.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    ft.add_argument("--fp32", action="store_true", help="no autocast: compute in fp32")
+    ft.add_argument("--quiet", action="store_true")
+    ft.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", help="bits per byte on text or prepared data; --suite stories: the story-quality suite")
     e.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
