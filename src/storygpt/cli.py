@@ -415,7 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a model for storygpt (e.g. fp16), transformers (hf), llama2.c's run.c "
                                       "or llama.cpp (gguf)")
-    x.add_argument("--model", required=True, help="run or model directory")
+    x.description = ("hf of a LoRA adapter folder (storygpt finetune --lora: RUN/adapter or RUN): OUT is the base model "
+                     "for transformers and OUT/adapter the LoRA for PEFT under transformers' module names (q_proj, ..., "
+                     "down_proj): PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(OUT), OUT/adapter). "
+                     "The other formats write the adapter merged into its base model.")
+    x.add_argument("--model", required=True, help="run, model or adapter directory")
     x.add_argument("--out", required=True)
     x.add_argument("--format", default="storygpt", choices=["storygpt", "hf", "llama2c", "gguf"])
     x.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "f32", "f16", "q8_0"],

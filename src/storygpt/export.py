@@ -2,7 +2,10 @@
 
 - `storygpt`: a storygpt model directory, optionally in fp16/bf16 (how the shipped default model is made).
 - `hf`: a Hugging Face `transformers` LlamaForCausalLM directory (config.json, model.safetensors,
-  generation_config.json, the SentencePiece tokenizer.model): `LlamaForCausalLM.from_pretrained(DIR)`.
+  generation_config.json, the SentencePiece tokenizer.model): `LlamaForCausalLM.from_pretrained(DIR)`. Of a
+  LoRA adapter folder: its base model so, and DIR/adapter, the LoRA in PEFT's format under transformers' module
+  names: `PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(DIR), DIR/adapter)`. (The other formats
+  take an adapter merged into its base's weights.)
 - `llama2c`: llama2.c's `model.bin` (version-0 format, fp32) and `tokenizer.bin`, for
   `./run model.bin -z tokenizer.bin`.
 - `gguf`: llama.cpp's `model.gguf` in f32, f16 or q8_0 (see gguf_export.py).
@@ -25,7 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write, load_model, save_model_dir
+from . import adapters
+from .checkpoint import adapter_base, atomic_write, load_model, resolve_model_path, save_model_dir
 from .device import DTYPES
 from .errors import StoryGPTError
 from .model import Transformer
@@ -48,7 +52,10 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, dtype: str = 
         raise StoryGPTError(f"dtype must be fp32, fp16 or bf16 for {format}, got {dtype!r}")
     if Path(out).resolve() == Path(model).resolve():
         raise StoryGPTError("--out must differ from --model")
+    if format == "hf" and adapters.is_adapter_dir(resolve_model_path(model)):
+        return export_hf_adapter(resolve_model_path(model), out, DTYPES[dtype])
     net, tokenizer, info = load_model(model)
+    info = {k: v for k, v in info.items() if k != "adapter"}  # an adapter exports merged: no longer one
     if format == "storygpt":
         return save_model_dir(out, net.cfg, net.state_dict(), tokenizer, info, dtype=DTYPES[dtype])
     if format == "hf":
@@ -128,6 +135,58 @@ def export_hf(net: Transformer, tokenizer: Tokenizer, out: str | os.PathLike, dt
     for name, obj in (("config.json", cfg), ("generation_config.json", gen)):
         (out / name).write_text(json.dumps(obj, indent=2) + "\n")
     (out / "tokenizer.model").write_bytes(tokenizer.model_proto)
+    return out
+
+
+def export_hf_adapter(path: Path, out: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """OUT: the adapter's base model for transformers (export_hf); OUT/adapter: the LoRA for PEFT, converted to
+    transformers' modules. storygpt's fused q/k/v (and gate/up) projection has one A and a B whose rows are
+    the q, k and v rows; so q_proj, k_proj and v_proj each get that A and their rows of B (q and k rows in
+    transformers' RoPE layout, like their weights): the same update, the same rank and scale."""
+    from peft import LoraConfig
+
+    spec = adapters.read_spec(path)
+    net, tokenizer, _ = load_model(adapter_base(path, spec))
+    _llama_only(net, "transformers")
+    tensors = adapters.checked_tensors(net, tokenizer, path, spec)
+    lora = hf_lora_tensors(net, tensors, path)
+    out = Path(out)
+    export_hf(net, tokenizer, out, dtype)
+    targets = sorted({k.split(".")[-3] for k in lora})
+    config = LoraConfig(r=spec["lora"]["r"], lora_alpha=spec["lora"]["alpha"], target_modules=targets,
+                        lora_dropout=(spec.get("lora") or {}).get("dropout", 0.0), task_type="CAUSAL_LM",
+                        base_model_name_or_path=str(out.resolve()))
+    (out / "adapter").mkdir(exist_ok=True)
+    config.save_pretrained(str(out / "adapter"))
+    lora = {k: v.to(dtype).contiguous().clone() for k, v in lora.items()}  # shared A: one copy each
+    atomic_write(out / "adapter" / adapters.ADAPTER_WEIGHTS, lambda tmp: save_file(lora, tmp, metadata={"format": "pt"}))
+    return out
+
+
+def hf_lora_tensors(net: Transformer, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """An adapter's lora_A/lora_B tensors under PEFT's names for LlamaForCausalLM's modules."""
+    c = net.cfg
+    # storygpt module -> [(transformers module, B's rows -> its rows)]
+    splits = {"attn.wqkv": [("self_attn.q_proj", lambda b: _pairs_to_halves(b[:c.n_heads * c.head_dim], c.n_heads)),
+                            ("self_attn.k_proj", lambda b: _pairs_to_halves(
+                                b[c.n_heads * c.head_dim:(c.n_heads + c.kv_heads) * c.head_dim], c.kv_heads)),
+                            ("self_attn.v_proj", lambda b: b[(c.n_heads + c.kv_heads) * c.head_dim:])],
+              "attn.wo": [("self_attn.o_proj", lambda b: b)],
+              "mlp.w_gate_up": [("mlp.gate_proj", lambda b: b.chunk(2)[0]), ("mlp.up_proj", lambda b: b.chunk(2)[1])],
+              "mlp.w_down": [("mlp.down_proj", lambda b: b)]}
+    out, used = {}, set()
+    for i in range(c.n_layers):
+        for name, parts in splits.items():
+            a_key, b_key = (f"{adapters.PREFIX}layers.{i}.{name}.lora_{x}.weight" for x in "AB")
+            if a_key not in tensors:
+                continue
+            used |= {a_key, b_key}
+            for hf_name, rows in parts:
+                p = f"base_model.model.model.layers.{i}.{hf_name}"
+                out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = tensors[a_key], rows(tensors[b_key])
+    left = sorted(set(tensors) - used)
+    if left:
+        raise StoryGPTError(f"{path}: no transformers module for the adapter's {left[0]}")
     return out
 
 
