@@ -69,16 +69,15 @@ def read_log(run: str | os.PathLike) -> list[dict]:
 
 def plot_losses(run: str | os.PathLike) -> Path | None:
     """Write RUN/loss.png: training and validation loss against tokens seen."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     records = read_log(run)
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not val:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train", lw=1, alpha=0.8)
     if val:
@@ -91,5 +90,4 @@ def plot_losses(run: str | os.PathLike) -> Path | None:
     fig.tight_layout()
     out = Path(run) / "loss.png"
     fig.savefig(out)
-    plt.close(fig)
     return out

@@ -78,18 +78,16 @@ def markdown(report: dict, samples: int = 3) -> str:
 
 def plot(report: dict, out: Path) -> list[Path]:
     """measures.png (one panel per measure, a bar per model), cloze.png and grammar.png (by category)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     models = report["models"]
     names = list(models)
     colors = [f"C{i}" for i in range(len(names))]
     rows = [(k, label, b) for k, label, b in MEASURES if any(value(models[n], k) is not None for n in names)]
     cols = 4
-    fig, axes = plt.subplots((len(rows) + cols - 1) // cols, cols, figsize=(3.2 * cols, 2.6 * ((len(rows) + cols - 1) // cols)),
-                             squeeze=False)
+    n_rows = (len(rows) + cols - 1) // cols
+    fig = Figure(figsize=(3.2 * cols, 2.6 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False)
     for ax, (key, label, better) in zip(axes.flat, rows):
         vals = [value(models[n], key) or 0.0 for n in names]
         ax.bar(range(len(names)), vals, color=colors)
@@ -100,12 +98,12 @@ def plot(report: dict, out: Path) -> list[Path]:
     fig.tight_layout()
     written = [out / "measures.png"]
     fig.savefig(written[0], dpi=110)
-    plt.close(fig)
     for block in ("cloze", "grammar"):
         cats = sorted({c for n in names for c in (value(models[n], f"{block}.by") or {})})
         if not cats:
             continue
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cats)), 3.2))
+        fig = Figure(figsize=(max(6, 1.1 * len(cats)), 3.2))
+        ax = fig.subplots()
         width = 0.8 / len(names)
         for i, n in enumerate(names):
             ax.bar([x + i * width for x in range(len(cats))], [value(models[n], f"{block}.by.{c}") or 0 for c in cats],
@@ -118,7 +116,6 @@ def plot(report: dict, out: Path) -> list[Path]:
         fig.tight_layout()
         written.append(out / f"{block}.png")
         fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
     return written
 
 
