@@ -116,6 +116,9 @@ def evaluate(model: str | os.PathLike | None, text: list[str] | None = None, dat
         tokens, nbytes = text_stream(tokenizer, text)
     else:
         split_data = TokenData(data, split)
+        if split_data.masks:
+            raise StoryGPTError(f"{data}: instruction data (its instructions carry no loss); its bits per byte would "
+                                "score them too: evaluate on story text with --text, or read the run's val loss")
         if split_data.meta["tokenizer"]["sha256"] != tokenizer.checksum:
             raise StoryGPTError(f"{data}: prepared with a different tokenizer than the model's (checksum mismatch)")
         tokens = np.concatenate([[tokenizer.eos_id], *split_data.shards]).astype(np.int64)
