@@ -54,6 +54,29 @@ def default_slots(model: StoryModel) -> int:
     return max(16, min(MAX_SLOTS, KV_CACHE_BUDGET // per_slot))
 
 
+class Delivery(list):
+    """The events of one delivery, up to END or an error the decoding thread passed on (`error`, to raise in
+    the caller's thread once the events before it are handed over); `ended`: the request has no more."""
+    ended: bool = False
+    error: BaseException | None = None
+
+    def finish(self) -> bool:
+        """After the events: raise the error if there was one; True when the request has ended."""
+        if self.error is not None:
+            raise self.error
+        return self.ended
+
+
+def unpack(items: list) -> Delivery:
+    out = Delivery()
+    for item in items:
+        if item is END or isinstance(item, BaseException):
+            out.ended, out.error = True, item if item is not END else None
+            break
+        out.append(item)
+    return out
+
+
 class Ticket:
     """A request's place in an engine: its stories, and whether it is waiting, running or closed."""
 
@@ -145,12 +168,10 @@ class Engine:
         ticket = self.submit([prompt], n, options, inbox.put)
         try:
             while True:
-                for item in inbox.get():
-                    if item is END:
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
+                items = unpack(inbox.get())
+                yield from items
+                if items.finish():
+                    return
         finally:
             ticket.close()
 
@@ -167,12 +188,11 @@ class Engine:
         async def events() -> AsyncIterator[Event]:
             try:
                 while True:
-                    for item in await inbox.get():
-                        if item is END:
-                            return
-                        if isinstance(item, BaseException):
-                            raise item
+                    items = unpack(await inbox.get())
+                    for item in items:
                         yield item
+                    if items.finish():
+                        return
             finally:
                 ticket.close()
 
