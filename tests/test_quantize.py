@@ -137,3 +137,21 @@ def test_app_int8(tiny_run, monkeypatch):
     assert not at.exception and not at.error
     assert at.session_state.history[0]["story"].strip()
     assert app_module.get_model(str(tiny_run), False, "int8").facts()["dtype"] == "int8"
+
+
+def test_serve_int8(tiny_run):
+    """`storygpt serve --dtype int8` (the argument parses) serves int8 weights: the same greedy completion as
+    the int8 model from the Python API."""
+    from fastapi.testclient import TestClient
+
+    from storygpt.cli import build_parser
+    from storygpt.serve.models import load_models
+    from storygpt.serve.routes import create_app
+
+    assert build_parser().parse_args(["serve", "--model", str(tiny_run), "--dtype", "int8"]).dtype == "int8"
+    models = load_models([f"tiny={tiny_run}"], dtype="int8")
+    assert models["tiny"].weights == "int8"
+    want = storygpt.load(tiny_run, dtype="int8").generate("Once", max_new_tokens=8, temperature=0)
+    with TestClient(create_app(models)) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200 and "Once" + r.json()["choices"][0]["text"] == want

@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "models whose KV cache would pass 1 GiB)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for slots; more get 503")
     s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="weights (int8: weight-only int8 matrices on CPU, a quarter of fp32's memory)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--compile", action="store_true",
                    help="decode with torch.compile'd steps, compiled at start for every batch size (1, 2, 4, ... up "
