@@ -56,7 +56,7 @@ def tasks(stories: list[str], seed: int) -> list[dict]:
 def write_all(model, prompts: list[str], max_new_tokens: int, temperature: float, seed: int,
               slots: int) -> tuple[list[str], list[str], float]:
     """Each prompt's story (one sample, seed + its index), decoded in one engine; the finish reasons and tokens/s."""
-    engine = Engine(model, slots=slots, name="bench")
+    engine = Engine(model, slots=slots, max_queue=len(prompts), name="bench")
     texts, reasons = [""] * len(prompts), [""] * len(prompts)
     left, done, lock = [len(prompts)], threading.Event(), threading.Lock()
 
