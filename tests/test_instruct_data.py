@@ -137,23 +137,35 @@ def test_mask_covers_exactly_the_instructions(tmp_path, tokenizer):
         assert tok.decode(ids[n_prompt:]) == tok.decode(tok.encode(story))
         start = end + 1
     # batches: a target is -1 exactly where the mask is 0
-    x, y = data.batch(3, 4, 32, seed=0)
+    T = 96
+    x, y = data.batch(3, 4, T, seed=0)
     assert (y == -1).any() and (y != -1).any()
-    windows = np.lib.stride_tricks.sliding_window_view(stream, 32)
+    windows = np.lib.stride_tricks.sliding_window_view(stream, T)
     for xs, ys in zip(x.numpy(), y.numpy()):
         o = int(np.flatnonzero((windows == xs).all(1))[0])  # where the window was cut from the stream
-        assert ((ys == -1) == (mask[o + 1:o + 33] == 0)).all()
-        assert (ys[ys != -1] == stream[o + 1:o + 33][ys != -1]).all()
-    val = data.sequential_batches(2, 32, 2)
-    assert all(((yy == -1) == torch_mask_zero(data, i, 32, 2)).all() for i, (_, yy) in enumerate(val))
-
-
-def torch_mask_zero(data, batch_index, seq_len, batch_size):
-    import torch
-
-    rows = [np.asarray(data.masks[0][o + 1:o + seq_len + 1]) == 0
-            for o in range(batch_index * batch_size * seq_len, (batch_index + 1) * batch_size * seq_len, seq_len)]
-    return torch.from_numpy(np.stack(rows))
+        assert ((ys == -1) == (mask[o + 1:o + T + 1] == 0)).all()
+        assert (ys[ys != -1] == stream[o + 1:o + T + 1][ys != -1]).all()
+    # every training window starts at a record's start token, so its first story has its instruction;
+    # the starts vary over the records that leave room for a whole window
+    offsets = set()
+    for step in range(40):
+        x, y = data.batch(step, 4, T, seed=0)
+        assert (x[:, 0] == tok.eos_id).all() and (y[:, :2] == -1).all()
+        offsets |= {int(np.flatnonzero((windows == xs).all(1))[0]) for xs in x.numpy()}
+    assert offsets == {int(e) for e in ends if e + T + 1 <= len(stream)}
+    # evaluation windows: each at the first record start after the window before it ends
+    val = data.sequential_batches(2, T, 3)
+    xs = np.concatenate([x.numpy() for x, _ in val])
+    seen = [int(np.flatnonzero((windows == w).all(1))[0]) for w in xs]
+    expect = [int(ends[0])]
+    while True:
+        later = [int(e) for e in ends if e >= expect[-1] + T and e + T + 1 <= len(stream)]
+        if not later or len(expect) == len(seen):
+            break
+        expect.append(later[0])
+    assert seen == expect and len(seen) > 1
+    ys = np.concatenate([y.numpy() for _, y in val])
+    assert all(((yy == -1) == (mask[o + 1:o + T + 1] == 0)).all() for o, yy in zip(seen, ys))
 
 
 def test_plain_stories_have_no_mask(tmp_path, tokenizer):

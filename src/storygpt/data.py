@@ -8,7 +8,8 @@ Data directory layout (what `storygpt data prepare` writes):
     DIR/val_00000.bin ...
     DIR/train_00000.mask ... only for instruction data (meta.json "mask": true): one uint8 per token, 1 where
                              predicting that token counts in the loss (the story and its EOS), 0 for the
-                             instruction before `Story:` (instruct.py)
+                             instruction before `Story:` (instruct.py). Training windows on such data
+                             start at a record's start token, so no story in them lacks its instruction
 
 Preparation streams: stories are read lazily, encoded by a pool of threads (SentencePiece releases
 the GIL, so they use every core without processes to start or results to pickle) with a bounded
@@ -269,6 +270,9 @@ class TokenData:
                 if not mask.is_file() or mask.stat().st_size != s["tokens"]:
                     raise StoryGPTError(f"{mask}: loss mask missing or truncated")
                 self.masks.append(np.memmap(mask, dtype=np.uint8, mode="r"))
+        # instruction data: windows start at a record's start token (the EOS before it), so that every story
+        # in a window comes with its instruction; plain data: windows start anywhere
+        self.starts = [_record_starts(s, self.meta["eos_id"]) for s in self.shards] if self.masks else None
         self.rank = rank
         # (random stream, ranks drawing from it): a rank's own stream, or one stream shared by all ranks
         self.stream, self.sharing = (rank, 1) if own_shards else (0, world_size)
@@ -284,7 +288,12 @@ class TokenData:
         rng = np.random.default_rng([seed, step, self.stream])
         weights = np.clip(sizes, 0, None) + 1e-9
         which = rng.choice(len(self.shards), size=batch_size * self.sharing, p=weights / weights.sum())
-        offsets = rng.integers(0, np.clip(sizes[which], 0, None) + 1)
+        if self.starts is None:
+            offsets = rng.integers(0, np.clip(sizes[which], 0, None) + 1)
+        else:  # the n-th record start that leaves room for a whole window
+            fits = np.array([np.searchsorted(s, n, side="right") for s, n in zip(self.starts, sizes)])
+            picks = rng.integers(0, np.maximum(fits[which], 1))
+            offsets = np.array([self.starts[w][k] if fits[w] else 0 for w, k in zip(which, picks)], dtype=np.int64)
         if self.sharing > 1:  # this rank's slice of the global batch
             mine = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
             which, offsets = which[mine], offsets[mine]
@@ -294,11 +303,19 @@ class TokenData:
             return _pairs(rows, masks)
         return _pairs(rows)
 
+    def _window_starts(self, shard: int, seq_len: int) -> Iterator[int]:
+        last = len(self.shards[shard]) - seq_len - 1
+        if self.starts is None:
+            return iter(range(0, last + 1, seq_len))
+        return _next_starts(self.starts[shard], last, seq_len)
+
     def sequential_batches(self, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Fixed, non-overlapping windows from the start of the split: the same every time it is called."""
+        """Fixed, non-overlapping windows from the start of the split: the same every time it is called.
+        On instruction data each window starts at a record's start token, the first one after the window
+        before it ends."""
         rows, masks = [], []
         for k, shard in enumerate(self.shards):
-            for o in range(0, len(shard) - seq_len - 1 + 1, seq_len):
+            for o in self._window_starts(k, seq_len):
                 rows.append(np.asarray(shard[o:o + seq_len + 1], dtype=np.int64))
                 if self.masks:
                     masks.append(np.asarray(self.masks[k][o:o + seq_len + 1]))
@@ -310,6 +327,21 @@ class TokenData:
             raise StoryGPTError(f"seq_len {seq_len} is longer than the {self.tokens}-token split")
         return [_pairs(np.stack(rows[i:i + batch_size]), np.stack(masks[i:i + batch_size]) if masks else None)
                 for i in range(0, len(rows), batch_size)]
+
+
+def _next_starts(starts: np.ndarray, last: int, seq_len: int) -> Iterator[int]:
+    """The record starts at most `last`, each the first one at or after the end of the window before it."""
+    k = 0
+    while k < len(starts) and starts[k] <= last:
+        yield int(starts[k])
+        k = int(np.searchsorted(starts, starts[k] + seq_len))
+
+
+def _record_starts(shard: np.ndarray, eos_id: int) -> np.ndarray:
+    """Where windows may start in an instruction shard: at every EOS but a final one (an EOS ends one
+    record and is the start token of the next), ascending."""
+    ends = np.flatnonzero(np.asarray(shard) == eos_id)
+    return ends[ends < len(shard) - 1].astype(np.int64)
 
 
 def _pairs(rows: np.ndarray, masks: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
