@@ -22,6 +22,7 @@ from lemminflect import getAllInflections, getAllLemmas
 from .checkpoint import atomic_write
 from .errors import StoryGPTError
 from .instruct import FIELDS, header_prompt, request_prompt
+from .measures import names as story_names
 from .tokenizer import EOS_TEXT
 
 POS = ("NOUN", "VERB", "ADJ")
@@ -52,20 +53,10 @@ def sentences(story: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(story) if s.strip()]
 
 
-def _names(story: str) -> set[str]:
-    """Capitalised words that are not at the start of a sentence or quote: names (Lily, Max)."""
-    found = set()
-    for m in re.finditer(r"(?<![.!?\"\u201c\n]\s)(?<![.!?\"\u201c\n])(?<!^)\b([A-Z][a-z]+)", story):
-        before = story[:m.start()].rstrip()
-        if before and before[-1] not in ".!?\"\u201c\u201d:":
-            found.add(m.group(1).lower())
-    return found
-
-
 def content_words(story: str) -> dict[str, list[str]]:
     """{part of speech: lemmas} of the story's words whose part of speech lemminflect can tell
     (one of NOUN, VERB, ADJ and no other), without names and plain words; in order of appearance."""
-    names = _names(story)
+    names = {n.lower() for n in story_names(story)}  # the suite's detector of characters' names
     out: dict[str, list[str]] = {p: [] for p in POS}
     seen = set()
     words = [w.lower() for w in _WORD.findall(story)]
