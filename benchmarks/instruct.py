@@ -29,7 +29,7 @@ from pathlib import Path
 from common import header, save
 
 import storygpt
-from storygpt.batching import Finish, Piece
+from storygpt.batching import Done, Finish, Piece
 from storygpt.data import expand_inputs, iter_stories
 from storygpt.evaluate import evaluate
 from storygpt.instruct import header_prompt, request_prompt
@@ -58,7 +58,7 @@ def write_all(model, prompts: list[str], max_new_tokens: int, temperature: float
     """Each prompt's story (one sample, seed + its index), decoded in one engine; the finish reasons and tokens/s."""
     engine = Engine(model, slots=slots, max_queue=len(prompts), name="bench")
     texts, reasons = [""] * len(prompts), [""] * len(prompts)
-    left, done, lock = [len(prompts)], threading.Event(), threading.Lock()
+    left, tokens, done, lock = [len(prompts)], [0], threading.Event(), threading.Lock()
 
     def deliver_to(i):
         def deliver(items):
@@ -68,6 +68,8 @@ def write_all(model, prompts: list[str], max_new_tokens: int, temperature: float
                         texts[i] += item.text
                     elif isinstance(item, Finish):
                         reasons[i] = item.reason
+                    elif isinstance(item, Done):
+                        tokens[0] += item.stats["new_tokens"]
                     elif item is END:
                         left[0] -= 1
                         if left[0] == 0:
@@ -83,8 +85,7 @@ def write_all(model, prompts: list[str], max_new_tokens: int, temperature: float
     done.wait()
     seconds = time.perf_counter() - start
     engine.close()
-    tokens = sum(len(model.tokenizer.encode(t)) for t in texts)
-    return [t.strip() for t in texts], reasons, tokens / seconds
+    return [t.strip() for t in texts], reasons, tokens[0] / seconds
 
 
 def grade(items: list[dict], stories: list[str], reasons: list[str]) -> dict:

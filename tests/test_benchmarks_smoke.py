@@ -44,3 +44,14 @@ def test_serve_load_smoke():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "| 8 | 8 | 8 |" in out.stdout and out.stdout.strip().endswith("| 0 |")
+
+
+def test_instruct_smoke(story_file):
+    """The instruction-following benchmark on the shipped instruct model against the shipped base model."""
+    out = subprocess.run([sys.executable, BENCHMARKS / "instruct.py", "--smoke", "--model", "base=default",
+                          "--model", "instruct=instruct", "--heldout", story_file, "--no-bpb"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for line in ("base fields: {'all_words'", "base request: {'all_words'", "instruct fields: {'all_words'",
+                 "instruct request: {'all_words'"):
+        assert line in out.stdout, out.stdout
