@@ -179,3 +179,35 @@ def test_browser_end_to_end(tiny_run, tmp_path):
         story = write_story_in_browser(url, PROMPT, shot, seed=5)
     assert story.startswith(PROMPT) and len(story) > len(PROMPT) + 5
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_table_shows_the_recorded_figures_next_to_the_previous_model(tmp_path, tiny_run, monkeypatch):
+    from storygpt.checkpoint import record_eval, record_suite
+    from storygpt.quality import quality_rows, record_previous
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(tiny_run / "model", old)
+    shutil.copytree(tiny_run / "model", new)
+    record_eval(old, "heldout.txt", {"loss": 2.7, "perplexity": 14.9, "bits_per_byte": 0.96, "tokens": 10, "bytes": 40,
+                                     "context": 256})
+    record_suite(new, {"bits_per_byte": 0.8512, "cloze": {"accuracy": 0.7}, "grammar": {"accuracy": 0.93},
+                       "names": 0.6, "samples": ["..."]}, {"n": 10})
+    record_previous(new, old, "v1 (256 tokens)")
+    info = storygpt.load(new).facts()
+    assert "samples" not in info["suite"]["measures"]
+    rows = {r["measure"]: r for r in quality_rows(info)}
+    assert rows["held-out bits/byte"] == {"measure": "held-out bits/byte", "this model": 0.851,
+                                         "v1 (256 tokens)": 0.96, "better": "lower"}
+    assert rows["cloze (consistency items)"]["this model"] == 0.7
+    assert rows["cloze (consistency items)"]["v1 (256 tokens)"] is None
+    assert list(rows) == ["held-out bits/byte", "cloze (consistency items)", "names kept", "grammar (minimal pairs)"]
+    assert quality_rows({}) == []
+
+    monkeypatch.setenv(MODELS_ENV, json.dumps([str(new)]))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception
+    table = at.table[0].value
+    assert list(table["measure"]) == list(rows) and list(table["v1 (256 tokens)"])[0] == 0.96
+    with pytest.raises(storygpt.StoryGPTError, match="records no figures"):
+        record_previous(old, tiny_run / "model", "x")

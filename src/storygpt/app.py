@@ -37,6 +37,7 @@ from storygpt.device import pick_device
 from storygpt.errors import StoryGPTError
 from storygpt.generate import StoryModel, StoryStart
 from storygpt.instruct import FEATURES
+from storygpt.quality import quality_rows
 from storygpt.serve.engine import Engine, QueueFull
 
 MODELS_ENV = "STORYGPT_APP_MODELS"
@@ -270,6 +271,9 @@ def main() -> None:
         st.error(f"This model cannot be loaded: {e}")
         return
     st.caption(describe(model))
+    if rows := quality_rows(model.facts()):
+        with st.expander("How good is this model? (`storygpt eval --suite stories`)"):
+            st.table(rows)
 
     cols = st.columns(len(EXAMPLES))
     for i, (col, text) in enumerate(zip(cols, EXAMPLES)):
