@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from common import alternate, header, median, peak_rss_bytes, reset_peak_rss, save, table
 from storygpt.device import DTYPES, cpu_has_native_bf16
-from storygpt.model import blocked_attention, naive_attention
+from storygpt.attention import blocked_attention, naive_attention
 
 B, H, D = 4, 4, 64
 KINDS = ("sdpa", "blocked", "naive")

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
+from storygpt.attention import blocked_attention, matmul_attention, naive_attention
 from storygpt.errors import StoryGPTError
-from storygpt.model import (PRESETS, ModelConfig, Transformer, apply_rope, blocked_attention, matmul_attention,
-                            naive_attention, rope_tables)
+from storygpt.model import PRESETS, ModelConfig, Transformer, apply_rope, rope_tables
 
 
 def small_cfg(**kw):
