@@ -1,4 +1,5 @@
-"""The `storygpt` command: a thin layer over the Python functions of each module.
+"""The `storygpt` command: its argument parser (commands.py holds what each subcommand does, a thin layer
+over the Python functions of each module).
 
 Every user error (StoryGPTError) becomes one line on stderr and exit code 2.
 """
@@ -6,226 +7,15 @@ Every user error (StoryGPTError) becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
+from . import commands
 from .errors import StoryGPTError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
         raise StoryGPTError(f"{self.prog}: {message}")
-
-
-def cmd_tokenizer_train(args) -> None:
-    from .data import check_inputs, expand_inputs, iter_stories
-    from .tokenizer import train_tokenizer
-
-    files = expand_inputs(args.input)
-    check_inputs(files, args.field)
-    tok = train_tokenizer(iter_stories(files, args.field), args.vocab_size, args.type, seed=args.seed)
-    tok.save(args.out)
-    print(f"tokenizer: {tok.type}, {tok.vocab_size} tokens -> {args.out}")
-
-
-def cmd_data_prepare(args) -> None:
-    from .data import prepare
-
-    meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                   field=args.field, workers=args.workers, dtype=args.dtype, progress=not args.quiet,
-                   instruct=args.instruct)
-    for split, info in meta["splits"].items():
-        print(f"{split}: {info['stories']:,} stories, {info['tokens']:,} tokens, {info['bytes']:,} bytes, "
-              f"{len(info['shards'])} shard(s)")
-    if meta.get("mask"):
-        print("instruction records: the loss leaves out their instructions (masked)")
-    print(f"-> {args.out}")
-
-
-def cmd_data_instruct(args) -> None:
-    from .instruct_data import build
-
-    counts = build(args.input, args.out, seed=args.seed, request_share=args.request_share, copies=args.copies,
-                   field=args.field)
-    print(f"{counts['records']:,} instruction records from {counts['stories']:,} stories "
-          f"({counts['skipped']:,} gave none) -> {args.out}")
-
-
-def cmd_data_download(args) -> None:
-    from .download import describe, download_tinystories
-
-    placed = download_tinystories(args.out, version=args.version, split=args.split, revision=args.revision,
-                                  progress=not args.quiet)
-    print(describe(placed, args.out))
-
-
-def cmd_train(args) -> None:
-    from .train import train
-
-    if args.resume is None and args.out is None:
-        raise StoryGPTError("train: give --out RUN (or --resume RUN)")
-    if args.resume is not None and args.out is not None and args.out != args.resume:
-        raise StoryGPTError("train: --out and --resume name different runs")
-    overrides = args.set + ([f"train.strategy={args.strategy}"] if args.strategy else [])
-    summary = train(args.data, args.resume or args.out, preset=args.preset, config_file=args.config,
-                    overrides=overrides, resume=args.resume is not None, max_steps=args.max_steps,
-                    max_time=args.max_time, compile=args.compile,
-                    dtype="fp32" if args.fp32 else None, progress=not args.quiet)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns; one prints
-        print(json.dumps(summary, indent=2))
-
-
-def cmd_finetune(args) -> None:
-    from .finetune import finetune
-
-    summary = finetune(args.model, args.data, args.out, lora=args.lora, lora_alpha=args.lora_alpha,
-                       lora_dropout=args.lora_dropout, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                       seq_len=args.seq_len, overrides=args.set, resume=args.resume, compile=args.compile,
-                       dtype="fp32" if args.fp32 else None, progress=not args.quiet)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns; one prints
-        print(json.dumps(summary, indent=2))
-
-
-def cmd_eval(args) -> None:
-    if args.suite:
-        return cmd_eval_suite(args)
-    if len(args.model or []) > 1:
-        raise StoryGPTError("eval: one --model at a time (several with --suite stories)")
-    if not args.text and not args.data:
-        raise StoryGPTError("eval: give --text FILE... or --data DIR (or --suite stories)")
-    args.model = args.model[0] if args.model else None
-    from .evaluate import evaluate
-
-    result = evaluate(args.model, text=args.text, data=args.data, split=args.split, device=args.device,
-                      dtype=args.dtype, batch_size=args.batch_size, stride=args.stride)
-    if args.record:
-        from pathlib import Path
-
-        from .checkpoint import record_eval, shipped_or
-
-        name = "+".join(Path(f).name for f in args.text) if args.text else f"{Path(args.data).name}:{args.split}"
-        record_eval(shipped_or(args.model), name, result)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.2f} | "
-              f"{result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens, {result['bytes']:,} bytes")
-
-
-def cmd_eval_suite(args) -> None:
-    from .suite import SuiteConfig, run_suite
-    from .suite_report import check_out, write_report
-
-    if args.data:
-        raise StoryGPTError("eval --suite: held-out text is given with --text, not --data")
-    if not args.out:
-        raise StoryGPTError("eval --suite: give --out DIR for the report")
-    check_out(args.out)
-    cfg = SuiteConfig(text=args.text or [], train=args.train or [], cloze=args.cloze, prompts=args.prompts,
-                      samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, dtype=args.dtype, device=args.device,
-                      grammar_per_phenomenon=args.grammar_pairs)
-    report = run_suite(args.model or ["default"], cfg, progress=not args.quiet)
-    out = write_report(report, args.out)
-    if args.record:
-        from .checkpoint import record_suite
-
-        for result in report["models"].values():
-            record_suite(result["path"], result, report["suite"])
-    if args.json:
-        print((out / "report.json").read_text(), end="")
-    else:
-        print((out / "report.md").read_text().split("\n## ")[0].rstrip())
-        print(f"-> {out}/report.json, report.md, *.png")
-
-
-def cmd_generate(args) -> None:
-    from .generate import instruction_header, load
-
-    prompt = args.prompt or ""
-    try:
-        for text in (prompt, args.sentence, args.summary, args.request):
-            (text or "").encode("utf-8")
-    except UnicodeEncodeError:
-        raise StoryGPTError("prompt is not valid UTF-8 text") from None
-    if args.num_samples < 1:
-        raise StoryGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
-    instruction = dict(words=args.words, sentence=args.sentence, features=args.features, summary=args.summary,
-                       request=args.request)
-    instruction_header(**instruction)  # bad requirements fail before the model loads
-    model = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
-    model_prompt = model.instruct_prompt(prompt, **instruction)  # a plain model refuses requirements
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                   **instruction)
-    if args.json or args.num_samples > 1 or args.no_stream:
-        stories = model.generate(prompt, num_samples=args.num_samples, **options)
-        if args.json:
-            extra = {"instruction": model_prompt} if model_prompt is not None else {}
-            print(json.dumps({"prompt": prompt, **extra, "stories": stories, "stats": model.last_stats}))
-        else:
-            print("\n\n".join(stories) if args.num_samples == 1 else
-                  "\n\n".join(f"--- story {i + 1} ---\n{t}" for i, t in enumerate(stories)))
-    else:
-        for piece in model.stream(prompt, **options):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    if args.verbose:
-        st = model.last_stats
-        print(f"{st['new_tokens']} tokens in {st['seconds']:.2f} s: {st['tokens_per_s']:.1f} tokens/s, "
-              f"first token after {1000 * st['time_to_first_token_s']:.0f} ms", file=sys.stderr)
-
-
-def cmd_app(args) -> None:
-    from .app import launch
-
-    code = launch(args.model, args.models_dir, host=args.host, port=args.port, compile=args.compile, dtype=args.dtype)
-    if code not in (0, -15):
-        raise StoryGPTError(f"the web app stopped with exit code {code}")
-
-
-def cmd_serve(args) -> None:
-    from .serve import serve
-
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("STORYGPT_API_KEY"),
-          max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-          log_level=args.log_level, compile=args.compile)
-
-
-def cmd_export(args) -> None:
-    from .export import export_model
-
-    out = export_model(args.model, args.out, args.dtype, args.format)
-    if args.format == "gguf":
-        from .gguf_export import GGUF_FILE, gguf_dtype
-
-        f = out / GGUF_FILE
-        print(f"-> {f} (gguf, {f.stat().st_size / 1e6:.1f} MB, {gguf_dtype(args.dtype)})")
-        return
-    size = sum(f.stat().st_size for f in out.iterdir())
-    dtype = "fp32" if args.format == "llama2c" else args.dtype
-    print(f"-> {out} ({args.format}, {size / 1e6:.1f} MB, {dtype})")
-
-
-def cmd_import(args) -> None:
-    from .importer import import_model
-
-    out = import_model(args.source, args.out, args.format, tokenizer=args.tokenizer, dtype=args.dtype)
-    params = json.loads((out / "config.json").read_text())["storygpt"]["params"]
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"-> {out} (storygpt model from {args.format} {args.source}: {params / 1e6:.2f}M params, "
-          f"{size / 1e6:.1f} MB, {args.dtype})")
-
-
-def cmd_presets(args) -> None:
-    from .model import PRESETS, Transformer
-
-    print(f"{'preset':8} {'params':>10} {'dim':>5} {'layers':>6} {'heads':>5} {'vocab':>6} {'context':>7}")
-    for name, cfg in PRESETS.items():
-        n = Transformer(cfg).num_params()
-        print(f"{name:8} {n / 1e6:9.2f}M {cfg.dim:5} {cfg.n_layers:6} {cfg.n_heads:5} {cfg.vocab_size:6} {cfg.max_seq_len:7}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--field", default=None, help="JSON field holding the story (default: story, then text)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True)
-    t.set_defaults(func=cmd_tokenizer_train)
+    t.set_defaults(func=commands.cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="data commands").add_subparsers(dest="action", required=True,
                                                                          parser_class=_Parser)
@@ -258,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON records with an `instruction` field (the TinyStories JSON release) become "
                         "TinyStories-Instruct records; .txt records in that format are read as such anyway")
     d.add_argument("--quiet", action="store_true")
-    d.set_defaults(func=cmd_data_prepare)
+    d.set_defaults(func=commands.cmd_data_prepare)
     di = data.add_parser("instruct", help="turn stories into TinyStories-Instruct records (words, sentence, "
                                           "features, or a request in plain language; then `data prepare`)")
     di.add_argument("--input", nargs="+", required=True, help="TinyStories .txt, .json/.jsonl files or folders")
@@ -268,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of records that state their requirements as a request in plain language")
     di.add_argument("--copies", type=int, default=1, help="records per story (different draws)")
     di.add_argument("--field", default=None)
-    di.set_defaults(func=cmd_data_instruct)
+    di.set_defaults(func=commands.cmd_data_instruct)
     dl = data.add_parser("download", help="download TinyStories from the Hugging Face Hub (cached, verified)")
     dl.add_argument("dataset", choices=["tinystories"])
     dl.add_argument("--version", choices=["v1", "v2", "json"], default="v1",
@@ -277,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--out", required=True)
     dl.add_argument("--revision", default="main", help="branch, tag or commit of the dataset repository")
     dl.add_argument("--quiet", action="store_true")
-    dl.set_defaults(func=cmd_data_download)
+    dl.set_defaults(func=commands.cmd_data_download)
 
     tr = sub.add_parser("train", help="train a model (or resume a run)")
     tr.add_argument("--data", help="prepared data directory (default on --resume: the run's)")
@@ -295,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="under torchrun: DDP (replicated weights) or FSDP2 (sharded weights and optimizer state); "
                          "default: the config's (ddp)")
     tr.add_argument("--quiet", action="store_true")
-    tr.set_defaults(func=cmd_train)
+    tr.set_defaults(func=commands.cmd_train)
 
     ft = sub.add_parser("finetune", help="train a trained model further (all weights, or a LoRA adapter)",
                         description="Fine-tune a model on data prepared with its tokenizer (`storygpt data prepare "
@@ -319,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     ft.add_argument("--fp32", action="store_true", help="no autocast: compute in fp32")
     ft.add_argument("--quiet", action="store_true")
-    ft.set_defaults(func=cmd_finetune)
+    ft.set_defaults(func=commands.cmd_finetune)
 
     e = sub.add_parser("eval", help="bits per byte on text or prepared data; --suite stories: the story-quality suite")
     e.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
@@ -349,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--grammar-pairs", type=int, default=100, help="minimal pairs per grammar phenomenon")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--quiet", action="store_true", help="no progress bars")
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(func=commands.cmd_eval)
 
     g = sub.add_parser("generate", help="write a story from a prompt")
     g.add_argument("prompt", nargs="?", default="", help="the story's beginning (default: start from scratch)")
@@ -380,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8 on CPU, 1/4 of the weights' memory, slower than fp32 on AVX2 CPUs)")
     g.add_argument("--compile", action="store_true",
                    help="decode with a torch.compile'd step: faster per token after a one-off compile (seconds)")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=commands.cmd_generate)
 
     a = sub.add_parser("app", help="the web app: type a prompt, watch a story being written")
     a.add_argument("--model", action="append", default=None, help="model or run directory (repeatable; "
@@ -392,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode with torch.compile'd steps: ~2x the words/s after a compile when a model loads")
     a.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
                    help="weights' precision, as for generate (int8: CPU only)")
-    a.set_defaults(func=cmd_app)
+    a.set_defaults(func=commands.cmd_app)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not")
     s.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
@@ -412,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true",
                    help="decode with torch.compile'd steps, compiled at start for every batch size (1, 2, 4, ... up "
                         "to --max-concurrency)")
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=commands.cmd_serve)
 
     x = sub.add_parser("export", help="write a model for storygpt (e.g. fp16), transformers (hf), llama2.c's run.c "
                                       "or llama.cpp (gguf)")
@@ -425,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="storygpt", choices=["storygpt", "hf", "llama2c", "gguf"])
     x.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "f32", "f16", "q8_0"],
                    help="weights: fp32|fp16|bf16 (llama2c: always fp32); gguf: f32|f16|q8_0 (fp32/fp16 accepted)")
-    x.set_defaults(func=cmd_export)
+    x.set_defaults(func=commands.cmd_export)
 
     im = sub.add_parser("import", help="make a storygpt model of a llama2.c model.bin or a transformers llama folder")
     im.add_argument("source", help="llama2c: the model.bin (version 0); hf: the LlamaForCausalLM folder")
@@ -433,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--tokenizer", help="the SentencePiece .model (llama2c: required; hf: default SOURCE/tokenizer.model)")
     im.add_argument("--out", required=True, help="the model directory to write")
     im.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    im.set_defaults(func=cmd_import)
+    im.set_defaults(func=commands.cmd_import)
 
     pr = sub.add_parser("presets", help="list the model presets and their parameter counts")
-    pr.set_defaults(func=cmd_presets)
+    pr.set_defaults(func=commands.cmd_presets)
     return p
 
 
