@@ -9,6 +9,7 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,12 +201,31 @@ def test_loss_ignores_instruction_tokens(tmp_path, tiny_run, instruct_data):
     assert loss is None and all(p.grad is not None and not p.grad.any() for p in net.parameters())
     # the validation loss at step 0 of a fine-tune is the base model's on the story tokens of the val batches
     run = tmp_path / "ft"
-    finetune(tiny_run, instruct_data, run, **dict(FAST, steps=1))
+    finetune(tiny_run, instruct_data, run, **dict(FAST, steps=1, seq_len=256))
     logged = json.loads((run / "log.jsonl").read_text().splitlines()[0])
-    batches = TokenData(instruct_data, "val").sequential_batches(8, 64, 2)
+    batches = TokenData(instruct_data, "val").sequential_batches(8, 256, 2)
     with torch.no_grad():
         by_hand = sum(masked_ce(net(bx, by)[0], by).item() for bx, by in batches) / len(batches)
     assert logged["step"] == 0 and logged["val_loss"] == pytest.approx(by_hand, rel=1e-5)
+    # and its instruction gain: each val story's loss after the next record's instruction minus after its own,
+    # one record at a time here (the loop pads them into batches)
+    val = TokenData(instruct_data, "val")
+    stream, mask = np.asarray(val.shards[0]), np.asarray(val.masks[0])
+    ends = np.flatnonzero(stream == read_meta(instruct_data)["eos_id"])
+    records = [(stream[a:a + 1 + int(np.argmax(mask[a + 1:b + 1]))], stream[a + 1 + int(np.argmax(mask[a + 1:b + 1])):b + 1])
+               for a, b in zip(ends[:-1], ends[1:])]
+
+    def nll(head, story):
+        seq = torch.from_numpy(np.concatenate([head, story]).astype(np.int64))[None]
+        y = seq[:, 1:].clone()
+        y[:, :len(head) - 1] = -1
+        with torch.no_grad():
+            return masked_ce(net(seq[:, :-1], y)[0], y).item() * len(story)
+    pairs = [(h, s, nh) for (h, s), (nh, _) in zip(records, records[1:]) if max(len(h), len(nh)) + len(s) <= 257][:64]
+    assert len(pairs) >= 4
+    n = sum(len(s) for _, s, _ in pairs)
+    gain = (sum(nll(nh, s) for _, s, nh in pairs) - sum(nll(h, s) for h, s, _ in pairs)) / n
+    assert logged["instruction_gain"] == pytest.approx(gain, rel=1e-4, abs=1e-6)
 
 
 def test_adapter_exports_to_transformers_and_peft(tmp_path, lora_run, capsys):

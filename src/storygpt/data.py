@@ -329,6 +329,43 @@ class TokenData:
                 for i in range(0, len(rows), batch_size)]
 
 
+def instruction_pairs(data: TokenData, seq_len: int, n: int = 64, batch_size: int = 16) -> tuple[list, list]:
+    """Batches (x, y) of the first `n` records of an instruction split that fit in seq_len + 1 tokens: each
+    story after its own instruction, and the same story after the next record's instruction; targets are
+    the story's tokens and its EOS, -1 elsewhere. Their losses differ by how much a model reads its
+    instructions (`validation.instruction_gain`)."""
+    stream, mask = np.asarray(data.shards[0]), np.asarray(data.masks[0])
+    ends = np.flatnonzero(stream == data.meta["eos_id"])
+    records = []  # (instruction: EOS + its tokens, story: its tokens + EOS)
+    for a, b in zip(ends[:-1], ends[1:]):
+        body = np.flatnonzero(mask[a + 1:b + 1]) + a + 1
+        if len(body) and body[0] > a + 1:
+            records.append((stream[a:body[0]], stream[body[0]:b + 1]))
+    own, other = [], []
+    for (head, story), (next_head, _) in zip(records, records[1:]):
+        if max(len(head), len(next_head)) + len(story) <= seq_len + 1:
+            own.append((head, story))
+            other.append((next_head, story))
+        if len(own) == n:
+            break
+    return _padded(own, batch_size, data.meta["eos_id"]), _padded(other, batch_size, data.meta["eos_id"])
+
+
+def _padded(pairs: list, batch_size: int, pad: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        group = pairs[i:i + batch_size]
+        width = max(len(h) + len(s) for h, s in group) - 1
+        x = torch.full((len(group), width), pad, dtype=torch.long)
+        y = torch.full((len(group), width), -1, dtype=torch.long)
+        for row, (head, story) in enumerate(group):
+            seq = torch.from_numpy(np.concatenate([head, story]).astype(np.int64))
+            x[row, :len(seq) - 1] = seq[:-1]
+            y[row, len(head) - 1:len(seq) - 1] = seq[len(head):]
+        out.append((x, y))
+    return out
+
+
 def _next_starts(starts: np.ndarray, last: int, seq_len: int) -> Iterator[int]:
     """The record starts at most `last`, each the first one at or after the end of the window before it."""
     k = 0

@@ -20,20 +20,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import BEST, LATEST, load_checkpoint
 from .config import RunConfig
-from .data import TokenData
+from .data import TokenData, instruction_pairs
 from .device import autocast, maybe_compile
 from .distributed import Dist
 from .errors import StoryGPTError
 from .runlog import RunLog, plot_losses
 from .runstate import Job, LoopState, restore, save, warn, write_run_dir
 from .tokenizer import Tokenizer
+from .validation import counted, evaluate_batches, evaluate_rows, instruction_gain, rank_rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,57 +55,6 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.o
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation on fixed validation batches
-# --------------------------------------------------------------------------------------------
-def counted(y: torch.Tensor) -> int:
-    """Targets that carry loss (-1: an instruction token of masked data, ignored by the model's loss)."""
-    return int((y != -1).sum())
-
-
-@torch.inference_mode()
-def evaluate_batches(model: torch.nn.Module, batches, device: torch.device, dtype: str) -> float:
-    """Mean loss over fixed batches (model put back in train mode afterwards)."""
-    model.eval()
-    losses = []
-    for x, y in batches:
-        with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device))
-        losses.append(loss.item())
-    model.train()
-    return float(np.mean(losses))
-
-
-@torch.no_grad()  # not inference_mode: FSDP2 would keep inference tensors as its unsharded weights
-def evaluate_rows(model: torch.nn.Module, batches, device: torch.device, dtype: str, d: Dist) -> float:
-    """Mean loss over fixed batches whose rows are spread over the ranks (see rank_rows).
-
-    Each batch's loss is the ranks' losses weighted by the targets they count, so the result is what one
-    process computes on the whole batches. Every rank runs the same number of forwards (FSDP's are
-    collective), also on rows whose targets are all masked.
-    """
-    model.eval()
-    sums = torch.zeros(len(batches), 2, dtype=torch.float64)
-    for i, (x, y) in enumerate(batches):
-        with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device))
-        n = counted(y)
-        if n:
-            sums[i, 0], sums[i, 1] = loss.item() * n, n
-    model.train()
-    sums = d.all_sum(sums.to(d.device)).cpu()
-    return float((sums[:, 0] / sums[:, 1]).mean())
-
-
-def rank_rows(batches: list[tuple[torch.Tensor, torch.Tensor]], d: Dist) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's rows (every world_size-th) of each batch; a batch with fewer rows than ranks is dropped."""
-    mine = [(x[d.rank::d.world_size].clone(), y[d.rank::d.world_size].clone())
-            for x, y in batches if len(x) >= d.world_size]
-    if not mine:
-        raise StoryGPTError(f"the val split is too small to give each of {d.world_size} ranks a sequence")
-    return mine
 
 
 def open_data(data, tc, d: Dist) -> tuple[TokenData, TokenData, list]:
@@ -143,6 +92,9 @@ def start(run: Path, cfg: RunConfig, data, tokenizer: Tokenizer, build: Callable
     job = Job(run, cfg, model, trained, optimizer, train_data, val_batches,
               val_data.tokens / max(val_data.bytes, 1) / math.log(2), device, amp, d, ckpt is not None,
               ckpt_extra or {})
+    if val_data.starts is not None:
+        pairs = instruction_pairs(val_data, tc.seq_len)
+        job.instruction_pairs = pairs if pairs[0] else None
     state = LoopState() if ckpt is None else restore(job, ckpt)
     for group in optimizer.param_groups:  # --set may change these on resume
         group["betas"] = (tc.beta1, tc.beta2)
@@ -165,8 +117,11 @@ def evaluate(job: Job, state: LoopState, log: Callable[[dict], None]) -> float:
         val_loss = evaluate_batches(job.model, job.val_batches, job.device, job.amp)  # eager: no recompile for eval
     else:  # one decision on BEST for all ranks
         val_loss = d.broadcast(evaluate_rows(job.model, job.val_batches, job.device, job.amp, d))
-    log({"step": state.step, "tokens": state.tokens, "time": round(state.train_time, 2), "val_loss": val_loss,
-         "val_bpb": val_loss * job.bpb_scale})
+    record = {"step": state.step, "tokens": state.tokens, "time": round(state.train_time, 2), "val_loss": val_loss,
+              "val_bpb": val_loss * job.bpb_scale}
+    if job.instruction_pairs:  # instruction data: how much the model reads its instructions (log.jsonl)
+        record["instruction_gain"] = instruction_gain(job.model, *job.instruction_pairs, job.device, job.amp)
+    log(record)
     state.last_eval_step = state.step
     if val_loss < state.best_val:
         state.best_val = val_loss

@@ -61,6 +61,7 @@ class Job:
     d: Dist
     resumed: bool = False
     extra: dict = field(default_factory=dict)  # more keys for every checkpoint (e.g. a fine-tune's base and LoRA)
+    instruction_pairs: tuple | None = None  # instruction data: (own, other) batches for the instruction gain
 
     @property
     def fsdp(self) -> bool:
