@@ -8,9 +8,12 @@ same requirements as one plain-language request). A model that is not instructio
 model) gets the same text as a plain prompt, which it continues: the baseline. Measured per model and
 format: the share of stories with all three words (any inflection: jump/jumped), each word, the
 sentence (case, punctuation and spacing ignored), dialogue when asked (and when not), the share that
-ended, and the instruction gain (the stories' log-likelihood per token after their own instruction
-minus after another story's: how much a model reads its instructions, without sampling noise); per
-model the held-out bits per byte of plain stories (forgetting); with `--runs`, the fine-tuning runs'
+ended, their length, their fluency (nats per token of the stories alone under `--fluency-model`, the
+shipped default model: lower is more ordinary text), and the instruction gain (the stories'
+log-likelihood per token after their own instruction minus after another story's: how much a model
+reads its instructions, without sampling noise). An instruct model writes each story twice: alone
+(`guide=False`) and with guided decoding (guide.py; format names `fields+guide`, `request+guide`). Per
+model: the held-out bits per byte of plain stories (forgetting); with `--runs`, the fine-tuning runs'
 trainable parameters, time and peak memory.
 
     python benchmarks/instruct.py --model base=default --model lora=RUN/adapter --model full=RUN2/model \
@@ -57,7 +60,7 @@ def tasks(stories: list[str], seed: int) -> list[dict]:
 
 
 def write_all(model, prompts: list[str], max_new_tokens: int, temperature: float, seed: int,
-              slots: int) -> tuple[list[str], list[str], float]:
+              slots: int, guide: bool = False) -> tuple[list[str], list[str], float]:
     """Each prompt's story (one sample, seed + its index), decoded in one engine; the finish reasons and tokens/s."""
     engine = Engine(model, slots=slots, max_queue=len(prompts), name="bench")
     texts, reasons = [""] * len(prompts), [""] * len(prompts)
@@ -84,7 +87,7 @@ def write_all(model, prompts: list[str], max_new_tokens: int, temperature: float
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.submit([prompt], 1, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
-                                        seed=seed + i), deliver_to(i))
+                                        seed=seed + i, guide=guide), deliver_to(i))
     done.wait()
     seconds = time.perf_counter() - start
     engine.close()
@@ -104,6 +107,13 @@ def instruction_gain(model, items: list[dict], fmt: str) -> float:
     return (sum(s.logprob for s in own) - sum(s.logprob for s in other)) / sum(s.tokens for s in own)
 
 
+def fluency(model, stories: list[str]) -> float:
+    """Mean negative log-likelihood per token (nats) of the stories alone, under `model`."""
+    tok = model.tokenizer
+    scores = score_tokens(model, [([tok.bos_id], tok.encode(s)) for s in stories if s.strip()])
+    return -sum(s.logprob for s in scores) / max(1, sum(s.tokens for s in scores))
+
+
 def grade(items: list[dict], stories: list[str], reasons: list[str]) -> dict:
     words_all, words_each, sentence, asked, unasked = [], [], [], [], []
     for item, story in zip(items, stories):
@@ -118,7 +128,8 @@ def grade(items: list[dict], stories: list[str], reasons: list[str]) -> dict:
         return round(sum(xs) / len(xs), 3) if xs else None
     return {"all_words": share(words_all), "each_word": share(words_each), "sentence": share(sentence),
             "dialogue_when_asked": share(asked), "dialogue_unasked": share(unasked),
-            "ended": share([r == "stop" for r in reasons]), "n": len(items), "n_dialogue": len(asked)}
+            "ended": share([r == "stop" for r in reasons]), "n": len(items), "n_dialogue": len(asked),
+            "words_per_story": round(sum(len(s.split()) for s in stories) / max(1, len(stories)), 1)}
 
 
 def run_facts(run: Path) -> dict:
@@ -141,6 +152,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--formats", nargs="+", default=["fields", "request"], choices=["fields", "request"])
     ap.add_argument("--no-bpb", action="store_true", help="skip the held-out bits per byte")
+    ap.add_argument("--no-guide", action="store_true", help="instruct models write alone only")
+    ap.add_argument("--fluency-model", default="default", help="the model that scores the stories' fluency")
     ap.add_argument("--smoke", action="store_true", help="5 stories, 40 tokens; writes nothing")
     ap.add_argument("--out", default="instruct")
     args = ap.parse_args()
@@ -150,18 +163,25 @@ def main() -> None:
     stories = list(iter_stories(expand_inputs([args.heldout])))[:args.n]
     items = tasks(stories, args.seed)
     result = header("instruct", heldout=args.heldout, instructions=len(items), temperature=args.temperature,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed, models={}, runs={})
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, fluency_model=args.fluency_model,
+                    fluency_of_heldout=None, models={}, runs={})
+    judge = storygpt.load(args.fluency_model, dtype="fp32")
+    result["fluency_of_heldout"] = round(fluency(judge, [it["story"] for it in items]), 4)
     for spec in args.model:
         name, _, path = spec.rpartition("=")
         name = name or path
         model = storygpt.load(path, dtype="fp32")
         row = {"path": path, "instruct": model.is_instruct}
         for fmt in args.formats:
-            texts, reasons, tps = write_all(model, [it[fmt] for it in items], args.max_new_tokens,
-                                            args.temperature, args.seed, args.slots)
-            row[fmt] = grade(items, texts, reasons) | {"instruction_gain": round(instruction_gain(model, items, fmt), 4),
-                                                       "tokens_per_s": round(tps, 1), "example": texts[0][:600]}
-            print(f"{name} {fmt}: {row[fmt]}", flush=True)
+            gain = round(instruction_gain(model, items, fmt), 4)
+            for guide in [False] + ([True] if model.is_instruct and not args.no_guide else []):
+                texts, reasons, tps = write_all(model, [it[fmt] for it in items], args.max_new_tokens,
+                                                args.temperature, args.seed, args.slots, guide=guide)
+                key = fmt + ("+guide" if guide else "")
+                row[key] = grade(items, texts, reasons) | {
+                    "fluency": round(fluency(judge, texts), 4), "instruction_gain": gain,
+                    "tokens_per_s": round(tps, 1), "example": texts[0][:600]}
+                print(f"{name} {key}: {row[key]}", flush=True)
         if not args.no_bpb:
             row["heldout_bpb"] = evaluate(path, text=[args.heldout])["bits_per_byte"]
             print(f"{name}: held-out bits/byte {row['heldout_bpb']:.4f}", flush=True)

@@ -53,5 +53,8 @@ def test_instruct_smoke(story_file):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     for line in ("base fields: {'all_words'", "base request: {'all_words'", "instruct fields: {'all_words'",
-                 "instruct request: {'all_words'"):
+                 "instruct request: {'all_words'", "base fields: {'all_words'"):
         assert line in out.stdout, out.stdout
+    assert "base fields+guide" not in out.stdout  # a plain model is never guided
+    for fmt in ("fields", "request"):  # guided: every word and the sentence, even in 40 tokens
+        assert f"instruct {fmt}+guide: {{'all_words': 1.0, 'each_word': 1.0, 'sentence': 1.0," in out.stdout, out.stdout

@@ -1,5 +1,6 @@
 """Using instruction-tuned models: the prompt that generate() builds from words, a sentence, features or a
-request, the CLI's options, the chat endpoint's request format, the shipped names "default" and "instruct",
+request, guided decoding (guide.py) of their stories, the CLI's options, the chat endpoint's request format,
+the shipped names "default" and "instruct",
 and the web app's inputs.
 
 The models are tiny random Transformers over the test tokenizer (no training): an "instruct" one whose
@@ -28,6 +29,7 @@ from storygpt.app import MODELS_ENV, model_choices
 from storygpt.checkpoint import instruct_model_path, save_model_dir, shipped_or
 from storygpt.errors import StoryGPTError
 from storygpt.instruct import INSTRUCT_INFO, header_prompt, request_prompt
+from storygpt.instruct_data import contains_sentence, contains_word
 from storygpt.model import ModelConfig, Transformer
 from storygpt.serve import create_app, load_models
 from storygpt.tokenizer import Tokenizer
@@ -35,6 +37,7 @@ from storygpt.tokenizer import Tokenizer
 GREEDY = dict(temperature=0, max_new_tokens=16)
 WORDS = "dog, ball, happy"
 SENTENCE = "The dog ran to the park."
+GUIDE_WORDS = ["dog", "ball", "happy"]
 
 
 def make_model_dir(out: Path, tokenizer_dir: Path, info: dict) -> Path:
@@ -136,6 +139,27 @@ def test_request_and_sampled_stories(instruct):
     assert samples == sampled
 
 
+def test_guided_stories_of_a_model(instruct):
+    kw = dict(words=GUIDE_WORDS, sentence=SENTENCE, features="dialogue", max_new_tokens=120, temperature=0.9)
+    for seed in range(3):
+        story = instruct.generate(seed=seed, **kw)
+        assert all(contains_word(story, w) for w in GUIDE_WORDS) and contains_sentence(story, SENTENCE), story
+        free = instruct.generate(seed=seed, guide=False, **kw)
+        assert free != story and not contains_sentence(free, SENTENCE)
+    # a request is guided as well, in the chat format the server uses
+    story = instruct.request(f'Write a story that uses the words dog, ball and happy and includes the sentence '
+                             f'"{SENTENCE}"', max_new_tokens=120, seed=1)
+    assert all(contains_word(story, w) for w in GUIDE_WORDS) and contains_sentence(story, SENTENCE), story
+
+
+def test_plain_prompts_are_not_guided(instruct, plain):
+    for model in (instruct, plain):
+        for prompt in ("Once upon a time", header_prompt(words=GUIDE_WORDS)):
+            a = model.generate(prompt, max_new_tokens=40, seed=2)
+            b = model.generate(prompt, max_new_tokens=40, seed=2, guide=False)
+            assert (a == b) == (model is plain or prompt.startswith("Once")), (model.path, prompt)
+
+
 def test_bad_instructions(instruct, plain):
     assert not plain.is_instruct
     assert plain.generate("Tom", **GREEDY) == instruct.generate("Tom", **GREEDY)  # same weights, plain prompts as today
@@ -183,6 +207,9 @@ def test_cli_generate_with_instructions(instruct_dir, instruct, capsys):
     assert code == 0 and out == story + "\n", err
     code, out, _ = run_cli(args + ["--no-stream"], capsys)
     assert code == 0 and out == story + "\n"
+    code, out, _ = run_cli(args + ["--no-guide"], capsys)
+    free = instruct.generate(words="dog,ball", features="BadEnding,Dialogue", sentence=SENTENCE, guide=False, **GREEDY)
+    assert code == 0 and out == free + "\n" and free != story
     code, out, _ = run_cli(args + ["--json", "Once"], capsys)
     result = json.loads(out)
     assert result["prompt"] == "Once" and result["stories"] == [instruct.generate(
@@ -252,6 +279,12 @@ def test_chat_sends_the_last_user_message_as_a_request(client, instruct):
         assert whole.message.content == streamed == instruct.request(request, max_new_tokens=16, **kw)
     two = client.chat.completions.create(model="ins", messages=MESSAGES, max_tokens=16, n=2, seed=5)
     assert [c.message.content for c in two.choices] == instruct.request(request, num_samples=2, max_new_tokens=16, seed=5)
+    asks = "Write a story that uses the words dog and ball."  # guided unless "guide": false (an extension)
+    guided = client.chat.completions.create(model="ins", messages=[{"role": "user", "content": asks}], max_tokens=16,
+                                            temperature=0).choices[0].message.content
+    free = client.chat.completions.create(model="ins", messages=[{"role": "user", "content": asks}], max_tokens=16,
+                                          temperature=0, extra_body={"guide": False}).choices[0].message.content
+    assert guided == instruct.request(asks, **GREEDY) != free == instruct.request(asks, guide=False, **GREEDY)
 
 
 def test_completions_and_plain_chat_are_unchanged(client, instruct, plain):
@@ -315,10 +348,15 @@ def test_app_instruct_inputs(instruct_dir, instruct, monkeypatch):
     want = instruct.generate(words="dog, ball", sentence=SENTENCE, features=["Twist"], **GREEDY)
     assert entry["prompt"] == "" and entry["story"] == want
     assert entry["instruction"] == header_prompt(words="dog, ball", sentence=SENTENCE, features=["Twist"])
+    assert at.toggle(key="guide").value  # guided decoding (guide.py) is on unless switched off
+    at.toggle(key="guide").set_value(False)
+    at.button(key="write").click().run()
+    free = instruct.generate(words="dog, ball", sentence=SENTENCE, features=["Twist"], guide=False, **GREEDY)
+    assert at.session_state.history[0]["story"] == free != want
     at.text_input(key="words").input("dog, two words")
     at.button(key="write").click().run()
     assert not at.exception and any("is not a word" in w.value for w in at.warning)
-    assert len(at.session_state.history) == 1
+    assert len(at.session_state.history) == 2
 
 
 def test_app_plain_model_has_no_instruct_inputs(plain_dir, monkeypatch):

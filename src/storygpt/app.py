@@ -52,7 +52,8 @@ EXAMPLES = [
     "One day, a boy named Ben wanted to bake a cake for his mom.",
 ]
 DEFAULTS = {"prompt": "", "max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p": 0.95,
-            "repetition_penalty": 1.0, "seed": 42, "fresh_seed": True, "words": "", "sentence": "", "features": []}
+            "repetition_penalty": 1.0, "seed": 42, "fresh_seed": True, "words": "", "sentence": "", "features": [],
+            "guide": True}
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +146,8 @@ def sidebar(choices: dict[str, str | None]) -> str | None:
 def options() -> dict:
     ss = st.session_state
     return dict(max_new_tokens=int(ss.max_new_tokens), temperature=float(ss.temperature), top_k=int(ss.top_k),
-                top_p=float(ss.top_p), repetition_penalty=float(ss.repetition_penalty), seed=int(ss.seed))
+                top_p=float(ss.top_p), repetition_penalty=float(ss.repetition_penalty), seed=int(ss.seed),
+                guide=bool(ss.guide))
 
 
 def instruction() -> dict:
@@ -161,6 +163,9 @@ def instruct_inputs() -> None:
     st.text_input("A sentence the story must contain", key="sentence", max_chars=1000)
     st.multiselect("Features", FEATURES, key="features",
                    help="Dialogue, a bad ending, a moral value, a twist, foreshadowing, conflict")
+    st.toggle("Guide the story to the words and the sentence", key="guide",
+              help="Steers the writing so that the story uses every word and the sentence asked for. Off: the "
+                   "model alone, which forgets most of them.")
 
 
 def check_prompt(model: StoryModel, prompt: str) -> str | None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .errors import StoryGPTError
+from .guide import guide_for
 from .model import KVCache, RowsCache
 from .sampling import SamplingOptions, apply_repetition_penalty, sampling_probs
 
@@ -76,6 +77,9 @@ class Story:
         self.base_text = model.tokenizer.decode(self.prompt_ids)
         self.slots: list[int | None] = []
         self.started = False
+        # an instruct model's story is steered toward what its instruction asks for (guide.py)
+        self.guide = guide_for(model.tokenizer, prompt, n, opts.max_new_tokens) if opts.guide and model.is_instruct \
+            else None
 
     def start(self, slots: list[int], ctx: int) -> None:
         """Take `slots` (one per sample) and queue the prompt for prefilling; called by `Batcher.add`."""
@@ -118,6 +122,8 @@ class Story:
         logits = apply_repetition_penalty(logits, self.ids[:, 1:self.length], self.opts.repetition_penalty)
         if self.opts.ignore_eos:
             logits[:, self.model.tokenizer.eos_id] = float("-inf")
+        if self.guide is not None:
+            logits = self.guide.adjust(logits, live)
         return logits
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
@@ -141,6 +147,8 @@ class Story:
         ended = []
         for i in live:
             self.rows[i].append(picked[i])
+            if self.guide is not None:
+                self.guide.observe(i, picked[i])
             text = tok.decode(self.rows[i])[len(self.base_text):]
             cut = _first_stop(text, opts.stop)
             if cut is not None:

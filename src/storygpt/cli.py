@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "Conflict (case, spaces and '-' do not matter)")
     ins.add_argument("--summary", help="what the story is about, in a sentence or two")
     ins.add_argument("--request", help="instead of the above, a request in plain words: \"Write a story about ...\"")
+    ins.add_argument("--no-guide", action="store_true", help="leave the model to itself: no guided decoding toward "
+                     "the words and the sentence asked for (see the README, \"Instruction following\")")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")

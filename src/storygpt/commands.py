@@ -151,7 +151,7 @@ def cmd_generate(args) -> None:
     model_prompt = model.instruct_prompt(prompt, **instruction)  # a plain model refuses requirements
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                   **instruction)
+                   guide=not args.no_guide, **instruction)
     if args.json or args.num_samples > 1 or args.no_stream:
         stories = model.generate(prompt, num_samples=args.num_samples, **options)
         if args.json:

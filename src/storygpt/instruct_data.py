@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 from lemminflect import getAllInflections, getAllLemmas
@@ -92,7 +93,8 @@ def _tell_pos(lemmas: dict, before: str) -> str | None:
     return None
 
 
-def inflections(word: str) -> set[str]:
+@lru_cache(maxsize=4096)
+def inflections(word: str) -> frozenset[str]:
     """The word and its regular and irregular forms (jump: jumps, jumped, jumping), lower case."""
     w = word.lower()
     forms = {w}
@@ -103,7 +105,7 @@ def inflections(word: str) -> set[str]:
                 forms.update(f.lower() for f in infl)
     for infl in getAllInflections(w).values():
         forms.update(f.lower() for f in infl)
-    return forms
+    return frozenset(forms)
 
 
 def contains_word(story: str, word: str) -> bool:

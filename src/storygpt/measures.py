@@ -75,6 +75,11 @@ def _dictionary():
     return SpellChecker(language="en")
 
 
+def known_word(word: str) -> bool:
+    """Whether a lower-case word is in the English dictionary (pyspellchecker's)."""
+    return word in _dictionary()
+
+
 def misspelled(text: str) -> tuple[int, int]:
     """(words not in the English dictionary (pyspellchecker's), words): numbers and a possessive 's are
     not counted against a word."""

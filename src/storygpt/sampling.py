@@ -72,6 +72,7 @@ class SamplingOptions:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # never end the story early: always max_new_tokens (for benchmarks)
+    guide: bool = True  # an instruct model's story is steered toward what its instruction asks for (guide.py)
 
     def validate(self) -> None:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:

@@ -81,6 +81,8 @@ class SamplingRequest(BaseModel):
     top_k: Integer(-1, 1_000_000) | None = Field(0, description="extension: keep the k most likely tokens; 0 or "
                                                                     "-1 = off")
     repetition_penalty: float | None = Field(1.0, gt=0, le=10, description="extension: CTRL-style; 1 = off")
+    guide: bool | None = Field(True, description="extension: an instruct model's story is steered toward the "
+                                                 "words and the sentence its request asks for; false = off")
     presence_penalty: float | None = Field(0, ge=0, le=0, description="not supported: only 0")
     frequency_penalty: float | None = Field(0, ge=0, le=0, description="not supported: only 0")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: only empty")
@@ -250,7 +252,8 @@ def sampling_options(body: SamplingRequest, max_tokens: int) -> dict:
     stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
     options = {"max_new_tokens": max_tokens, "temperature": value(body, "temperature"),
                "top_k": max(0, value(body, "top_k")), "top_p": value(body, "top_p"),
-               "repetition_penalty": value(body, "repetition_penalty"), "seed": body.seed, "stop": stop}
+               "repetition_penalty": value(body, "repetition_penalty"), "seed": body.seed, "stop": stop,
+               "guide": value(body, "guide")}
     SamplingOptions(**options).validate()  # raises StoryGPTError -> 400
     return options
 

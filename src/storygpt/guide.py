@@ -1,0 +1,259 @@
+"""Guided decoding: an instruction-tuned model's story holds what its instruction asks for.
+
+A model of a few million weights reads its instruction, but it forgets most of it while it writes: the
+shipped one fits all three requested words into 1 story in 200 on its own (README, "Instruction
+following"). Guidance steers the sampling of an instruct model toward the request, token by token, and
+leaves the writing to the model:
+
+- words: until the story has a requested word (in any inflection: jump, jumps, jumped), the tokens
+  that start a form of it get a logit bonus that grows with the story's length (`WORD_RATE` a token, at
+  most `WORD_MAX`); a word of several tokens whose first token is no English word on its own is
+  finished once that token is written (its other tokens are forced);
+- sentence: at each sentence boundary outside quoted speech the sentence's first token gets a bonus of
+  `SENTENCE_RATE` times the boundaries passed; once the model writes it there, the rest of the sentence
+  is forced token by token; at the `SENTENCE_FORCE_AT`th boundary it is forced outright;
+- dialogue: at sentence boundaries an opening quotation mark gets a bonus until the story has quoted
+  speech (a nudge only: what the characters say is the model's);
+- the end: the end-of-story token is barred while a word or the sentence is missing; when the tokens left
+  (max_new_tokens) are just enough for what is missing, it is forced.
+
+The requirements are read from the very text the model reads (`requirements_of`: the `Words:`,
+`Random sentence:` and `Features:` lines, or the templates of a `Request:`), so the Python API, the
+command line, the web app and the server's chat endpoint are guided alike. `SamplingOptions(guide=False)`
+(`--no-guide`, `"guide": false`) leaves an instruct model to itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from .instruct import REQUEST, split_record
+from .instruct_data import contains_sentence, contains_word, has_dialogue, inflections
+from .tokenizer import Tokenizer
+
+WORD_RATE, WORD_MAX = 0.08, 8.0        # logit bonus of a missing word's first token: per token written, cap
+SENTENCE_RATE, SENTENCE_FORCE_AT = 0.6, 8  # bonus per sentence boundary passed; the boundary that forces it
+DIALOGUE_RATE, DIALOGUE_MAX = 0.5, 5.0  # bonus of an opening quotation mark per boundary, cap
+_QUOTES = "\"\u201c\u201d"
+_BOUNDARY = re.compile(r"[.!?][\"\u201d]?$")
+_LIST_STOP = {"has", "have", "contains", "contain", "includes", "include", "uses", "use", "is", "it", "in",
+              "with", "about", "that", "the", "a", "an", "some"}
+
+
+# --------------------------------------------------------------------------------------------
+# What an instruction asks for
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Requirements:
+    words: list[str] = field(default_factory=list)
+    sentence: str | None = None
+    dialogue: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.words or self.sentence or self.dialogue)
+
+
+def requirements_of(prompt: str) -> Requirements | None:
+    """What an instruct prompt (`Field: value` lines or a `Request:` line, then `Story:`) asks for that
+    can be checked in the story: its words, its sentence, dialogue. None for a plain story prompt."""
+    record = split_record(prompt)
+    if record is None:
+        return None
+    req = Requirements()
+    for line in record[0].splitlines()[:-1]:
+        name, _, value = line.partition(":")
+        value = value.strip()
+        if name == "Words":
+            req.words = [w.strip() for w in value.split(",") if re.fullmatch(r"[A-Za-z][A-Za-z'\-]*", w.strip())]
+        elif name == "Random sentence":
+            req.sentence = value or None
+        elif name == "Features":
+            req.dialogue = "dialogue" in value.lower()
+        elif name + ":" == REQUEST:
+            req = parse_request(value)
+    return req
+
+
+def parse_request(text: str) -> Requirements:
+    """The words, sentence and dialogue a plain-language request asks for, as storygpt's request
+    templates phrase them (`instruct_data.request_text`): "... uses the words ball, dog and happy",
+    "... includes the sentence "..."", "... has some dialogue"."""
+    req = Requirements()
+    quoted = re.search(r"\bsentence:?\s*[\"\u201c](.+?)[\"\u201d]", text, re.IGNORECASE)
+    if quoted:
+        req.sentence = quoted.group(1).strip() or None
+        text = text[:quoted.start()] + text[quoted.end():]
+    listed = re.search(r"\bwords?:?\s+(.*)", text, re.IGNORECASE)
+    if listed:
+        req.words = _word_list(listed.group(1))
+    req.dialogue = re.search(r"dialogue|talking to each other|conversation", text, re.IGNORECASE) is not None
+    return req
+
+
+def _word_list(text: str) -> list[str]:
+    """The words listed at the start of `text` ("ball, dog and happy and has ..." -> ball, dog, happy)."""
+    words, end = [], 0
+    for m in re.finditer(r"(^|,\s*(?:and\s+)?|\s+and\s+)([A-Za-z][A-Za-z'\-]*)", text):
+        if m.start() != end or m.group(2).lower() in _LIST_STOP:
+            break
+        words.append(m.group(2))
+        end = m.end()
+    return words
+
+
+# --------------------------------------------------------------------------------------------
+# Steering the samples of one story
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Word:
+    word: str
+    starts: list[int]                 # tokens that start a form of it (the bonus goes to them)
+    finish: dict[int, list[int]]      # first token -> the rest of the form, for forms finished once started
+    shortest: list[int]               # the tokens of its shortest form (forced when time runs out)
+
+
+@dataclass
+class _Sample:
+    tokens: list[int]
+    text: str
+    words: list[_Word]
+    sentence: bool
+    dialogue: bool
+    generated: int = 0
+    boundaries: int = 0
+    at_boundary: bool = False
+    offered: bool = False             # the sentence's first token was offered at this step
+    finished: list[_Word] = field(default_factory=list)  # words the latest token finished
+    force: list[int] = field(default_factory=list)
+
+
+class Guide:
+    """Steers the n samples of one story toward `req` (see the module's text). `Story` calls `adjust`
+    on each step's logits and `observe` with each token drawn."""
+
+    def __init__(self, tokenizer: Tokenizer, req: Requirements, n: int, beginning: str, max_new_tokens: int):
+        self.tok, self.eos, self.max_new = tokenizer, tokenizer.eos_id, max_new_tokens
+        self.sentence = tokenizer.encode(req.sentence) if req.sentence else []
+        self.sentence_text = req.sentence
+        self.quote = tokenizer.encode('"x')[0]  # an opening quotation mark after a space
+        pieces = [_piece_text(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size)]
+        # tokens that go on the word before them ("ball" + "oon"), with their text
+        self.glue = {i: p.lower() for i, p in enumerate(pieces) if p[:1].isalpha() or p[:2].startswith("'")}
+        self.words = [_word(tokenizer, w) for w in req.words]
+        self.dialogue = req.dialogue
+        start = tokenizer.encode(beginning) if beginning.strip() else []
+        self.samples = [_Sample(list(start), "", [], bool(self.sentence), req.dialogue) for _ in range(n)]
+        for s in self.samples:
+            self._update(s)
+
+    def adjust(self, logits: torch.Tensor, live: list[int]) -> torch.Tensor:
+        """The (n, vocab) logits with each live sample's bonuses, bars and forced tokens."""
+        for i in live:
+            s = self.samples[i]
+            s.offered = False
+            row = logits[i]
+            if s.finished and not s.force:
+                row[self._unglued(s)] = float("-inf")
+            if not (s.force or s.words or s.sentence or s.dialogue):
+                continue
+            if s.force or s.words or s.sentence:
+                row[self.eos] = float("-inf")
+            left = self.max_new - s.generated
+            need = (len(self.sentence) if s.sentence else 0) + sum(len(w.shortest) for w in s.words)
+            if not s.force and (s.words or s.sentence) and left <= need + 1:
+                s.force = list(self.sentence) if s.sentence else list(s.words[0].shortest)
+            elif not s.force and s.sentence and s.at_boundary and s.boundaries >= SENTENCE_FORCE_AT:
+                s.force = list(self.sentence)
+            if s.force:
+                row.fill_(float("-inf"))
+                row[s.force[0]] = 0.0
+                continue
+            bonus = min(WORD_MAX, WORD_RATE * (s.generated + 1))
+            for w in s.words:
+                row[w.starts] += bonus
+            if s.at_boundary and s.sentence:
+                row[self.sentence[0]] += SENTENCE_RATE * s.boundaries
+                s.offered = True
+            if s.at_boundary and s.dialogue:
+                row[self.quote] += min(DIALOGUE_MAX, DIALOGUE_RATE * s.boundaries)
+        return logits
+
+    def observe(self, i: int, token: int) -> None:
+        """Sample i wrote `token`."""
+        s = self.samples[i]
+        s.generated += 1
+        if s.force:
+            if token == s.force[0]:
+                s.force.pop(0)
+            else:
+                s.force.clear()
+        elif s.offered and token == self.sentence[0]:
+            s.force = list(self.sentence[1:])
+        else:
+            for w in s.words:
+                if token in w.finish:
+                    s.force = list(w.finish[token])
+                    break
+        s.tokens.append(token)
+        self._update(s)
+
+    def _unglued(self, s: _Sample) -> list[int]:
+        """The tokens that would turn a word just finished into another word ("ball" + "oon"), which a
+        form of it does not start with ("jump" + "ed" stays allowed)."""
+        tail = re.search(r"[A-Za-z']*$", s.text).group().lower()
+        forms = [f for w in s.finished for f in inflections(w.word)]
+        return [i for i, p in self.glue.items() if not any(f.startswith(tail + p) for f in forms)]
+
+    def _update(self, s: _Sample) -> None:
+        s.text = self.tok.decode(s.tokens)
+        # from the whole text each time: a word's next token may still turn it into another ("sing" + "le")
+        words = [w for w in self.words if not contains_word(s.text, w.word)]
+        s.finished = [w for w in s.words if w not in words]
+        s.words = words
+        s.sentence = bool(self.sentence) and not contains_sentence(s.text, self.sentence_text)
+        s.dialogue = self.dialogue and not has_dialogue(s.text)
+        end = s.text.rstrip()
+        boundary = (not end or _BOUNDARY.search(end) is not None) and sum(end.count(q) for q in _QUOTES) % 2 == 0
+        if boundary and not s.at_boundary:
+            s.boundaries += 1
+        s.at_boundary = boundary
+
+
+def guide_for(tokenizer: Tokenizer, prompt: str, n: int, max_new_tokens: int) -> Guide | None:
+    """The guide of a story whose model prompt is `prompt`, or None when it asks for nothing checkable."""
+    req = requirements_of(prompt)
+    if not req:
+        return None
+    return Guide(tokenizer, req, n, split_record(prompt)[1], max_new_tokens)
+
+
+def _word(tokenizer: Tokenizer, word: str) -> _Word:
+    forms = sorted(inflections(word), key=lambda f: (len(f), f))
+    lower = [tokenizer.encode(f) for f in forms]
+    capital = [tokenizer.encode(f.capitalize()) for f in forms]
+    starts = sorted({ids[0] for ids in lower + capital if len(ids) == 1})
+    finish: dict[int, list[int]] = {}
+    for ids in lower:
+        if len(ids) > 1 and ids[0] not in starts and not _is_word(tokenizer.id_to_piece(ids[0])):
+            finish.setdefault(ids[0], ids[1:])
+    shortest = min(lower, key=len)
+    return _Word(word, starts + sorted(finish), finish, shortest)
+
+
+def _piece_text(piece: str) -> str:
+    """A token's text as it joins the text before it ('▁' = a space); a byte token's ASCII character."""
+    byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+    return chr(int(byte.group(1), 16)) if byte and int(byte.group(1), 16) < 128 else piece
+
+
+@lru_cache(maxsize=4096)
+def _is_word(piece: str) -> bool:
+    """Whether a token's text ('▁car') is a word on its own, which a story may mean as itself."""
+    from .measures import known_word
+
+    text = piece.lstrip("\u2581").lower()
+    return text in ("a", "i") or (len(text) > 1 and text.isalpha() and known_word(text))

@@ -1,0 +1,102 @@
+"""Guided decoding (guide.py): the requirements read back from the prompts and requests storygpt writes,
+and stories that hold every requested word, the sentence and dialogue, whatever the model's logits,
+ending only once they do. Plain prompts and plain models are untouched."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from storygpt.guide import Guide, Requirements, parse_request, requirements_of
+from storygpt.instruct import header_prompt, request_prompt
+from storygpt.instruct_data import contains_sentence, contains_word, request_text
+from storygpt.tokenizer import Tokenizer
+
+WORDS = ["dog", "ball", "happy"]
+SENTENCE = "The dog ran to the park."
+VOCAB = ["dog", "ball", "happy", "jump", "tree", "shiny", "sing", "glad", "umbrella", "whisper", "sparkly", "cat"]
+
+
+def test_requests_parse_back_to_their_requirements():
+    for seed in range(300):
+        rng = random.Random(seed)
+        req = {}
+        if rng.random() < 0.8:
+            req["words"] = rng.sample(VOCAB, rng.randint(1, 4))
+        if rng.random() < 0.6:
+            req["sentence"] = rng.choice([SENTENCE, "Lily and Tom sang a song, and it was fun!", "Why is it red?"])
+        if rng.random() < 0.5 or not req:
+            req["features"] = ["Dialogue"]
+        text = request_text(req, rng)
+        got = parse_request(text)
+        assert got == Requirements(req.get("words", []), req.get("sentence"), "features" in req), text
+        assert requirements_of(request_prompt(text)) == got
+
+
+def test_requirements_of_instruction_headers():
+    head = header_prompt(words=WORDS, sentence=SENTENCE, features="dialogue,twist", order=["Words", "Features",
+                                                                                          "Random sentence"])
+    assert requirements_of(head + " Once upon a time") == Requirements(WORDS, SENTENCE, True)
+    assert requirements_of(header_prompt(summary="A dog finds a ball.")) == Requirements()
+    assert not requirements_of(header_prompt(summary="A dog finds a ball."))  # nothing to check: no guide
+    assert requirements_of("Once upon a time, Tom had a dog.") is None
+    assert parse_request("Write a story about a dog.") == Requirements()
+
+
+def _drive(tok: Tokenizer, req: Requirements, make_logits, max_new: int = 150, beginning: str = "") -> tuple[str, bool]:
+    """Decode one sample with a Guide over the logits `make_logits(step)` (greedy); (story, ended by itself)."""
+    guide = Guide(tok, req, 1, beginning, max_new)
+    ids = tok.encode(beginning) if beginning else []
+    for step in range(max_new):
+        logits = make_logits(step)[None].clone()
+        token = int(guide.adjust(logits, [0])[0].argmax())
+        if token == tok.eos_id:
+            return tok.decode(ids), True
+        guide.observe(0, token)
+        ids.append(token)
+    return tok.decode(ids), False
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_logits_give_a_story_with_what_was_asked(tokenizer_dir, seed):
+    """Random logits over the tokens that start a word or are punctuation (a model that writes words, at
+    random), favouring the end of the story: the words (some of several tokens in this small vocabulary)
+    and the sentence are all there, and the story ends only then."""
+    tok = Tokenizer.load(tokenizer_dir)
+    gen = torch.Generator().manual_seed(seed)
+    words = random.Random(seed).sample(VOCAB, 3)
+    assert any(len(tok.encode(w)) > 1 for w in VOCAB)
+    glued = torch.tensor([not (p.startswith("\u2581") or p in ".,!?") for p in map(tok.id_to_piece, range(tok.vocab_size))])
+
+    def logits(step):
+        row = (torch.randn(tok.vocab_size, generator=gen) * 3).masked_fill(glued, -30.0)
+        row[tok.eos_id] = 10.0 if step > 5 else -10.0
+        return row
+    req = Requirements(words, SENTENCE, dialogue=True)
+    story, ended = _drive(tok, req, logits)
+    assert ended
+    assert all(contains_word(story, w) for w in words), (words, story)
+    assert contains_sentence(story, SENTENCE), story
+    unguided = tok.decode([int(logits(0).argmax())])
+    assert not contains_sentence(unguided, SENTENCE)
+
+
+def test_a_written_first_token_finishes_its_word(tokenizer_dir):
+    """A word of several tokens whose first token is no word by itself is finished once that token is
+    written, and the words already in the story's beginning are not asked for again."""
+    tok = Tokenizer.load(tokenizer_dir)
+    word = next(w for w in ("umbrella", "whisper", "sparkly") if len(tok.encode(w)) > 1)
+    ids = tok.encode(word)
+    req = Requirements([word, "dog"], None, False)
+    guide = Guide(tok, req, 1, "The dog", 50)
+    assert [w.word for w in guide.samples[0].words] == [word]
+    guide.observe(0, ids[0])
+    rest = []
+    for _ in range(len(ids) - 1):
+        row = torch.zeros(1, tok.vocab_size)
+        rest.append(int(guide.adjust(row, [0])[0].argmax()))
+        assert torch.isinf(row[0]).sum() == tok.vocab_size - 1  # forced: one token left
+        guide.observe(0, rest[-1])
+    assert rest == ids[1:] and guide.samples[0].words == []
