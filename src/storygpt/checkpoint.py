@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -188,28 +188,43 @@ def save_model_dir(out: str | os.PathLike, model_cfg: ModelConfig, state_dict: d
     return out
 
 
+RECORD_NEEDS = "--record needs a model directory (a run's is RUN/model)"
+
+
+def read_model_info(model_dir: str | os.PathLike, problem: str = "not a model directory") -> dict:
+    """The storygpt section of a model directory's config.json; StoryGPTError "{model_dir}: {problem}"
+    when `model_dir` is not a model directory."""
+    return _model_config(model_dir, problem)[1].get("storygpt", {})
+
+
+def edit_model_info(model_dir: str | os.PathLike, edit: Callable[[dict], None],
+                    problem: str = "not a model directory") -> None:
+    """Let `edit` change the storygpt section of a model directory's config.json, and write it back atomically."""
+    path, meta = _model_config(model_dir, problem)
+    edit(meta.setdefault("storygpt", {}))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
+def _model_config(model_dir: str | os.PathLike, problem: str) -> tuple[Path, dict]:
+    path = Path(model_dir) / "config.json"
+    if not (Path(model_dir) / WEIGHTS).is_file() or not path.is_file():
+        raise StoryGPTError(f"{model_dir}: {problem}")
+    return path, json.loads(path.read_text())
+
+
 def record_eval(model_dir: str | os.PathLike, name: str, result: dict) -> None:
     """Keep an evaluation result in a model directory's config.json (under storygpt.evals[name]), so the
     model carries its measured quality with it (the web app and `facts()` show it)."""
-    path = Path(model_dir) / "config.json"
-    if not (Path(model_dir) / WEIGHTS).is_file() or not path.is_file():
-        raise StoryGPTError(f"{model_dir}: --record needs a model directory (a run's is RUN/model)")
-    meta = json.loads(path.read_text())
     keep = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "context")}
-    meta.setdefault("storygpt", {}).setdefault("evals", {})[name] = keep
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    edit_model_info(model_dir, lambda info: info.setdefault("evals", {}).update({name: keep}), RECORD_NEEDS)
 
 
 def record_suite(model_dir: str | os.PathLike, result: dict, settings: dict) -> None:
     """Keep a story-quality suite result (`eval --suite stories --record`) in a model directory's
     config.json, under storygpt.suite: the measures (without the sample stories) and the settings."""
-    path = Path(model_dir) / "config.json"
-    if not (Path(model_dir) / WEIGHTS).is_file() or not path.is_file():
-        raise StoryGPTError(f"{model_dir}: --record needs a model directory (a run's is RUN/model)")
-    meta = json.loads(path.read_text())
     measures = {k: v for k, v in result.items() if k not in ("samples", "path")}
-    meta.setdefault("storygpt", {})["suite"] = {"measures": measures, "settings": settings}
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    edit_model_info(model_dir, lambda info: info.update(suite={"measures": measures, "settings": settings}),
+                    RECORD_NEEDS)
 
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"

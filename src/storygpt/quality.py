@@ -8,12 +8,10 @@ app can show both side by side. `quality_rows` turns these records into rows.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 
-from .checkpoint import WEIGHTS, atomic_write
+from .checkpoint import edit_model_info, read_model_info
 from .errors import StoryGPTError
 
 # (row label, how to read it from the suite's measures, which way is better)
@@ -73,15 +71,9 @@ def _round(x: float | None) -> float | None:
 def record_previous(model_dir: str | os.PathLike, old_dir: str | os.PathLike, name: str) -> None:
     """Keep the recorded figures (evals, suite) of `old_dir`, the model `model_dir` replaces, in
     `model_dir`'s config.json as storygpt.previous, named `name`."""
-    paths = [Path(d) / "config.json" for d in (model_dir, old_dir)]
-    for d, p in zip((model_dir, old_dir), paths):
-        if not (Path(d) / WEIGHTS).is_file() or not p.is_file():
-            raise StoryGPTError(f"{d}: not a model directory")
-    meta, old = (json.loads(p.read_text()) for p in paths)
-    old_info = old.get("storygpt", {})
+    old_info = read_model_info(old_dir)
     previous = {"name": name, **{k: old_info[k] for k in ("evals", "suite") if k in old_info}}
     if len(previous) == 1:
         raise StoryGPTError(f"{old_dir}: records no figures (eval --record, eval --suite stories --record)")
     previous["suite"] = {"measures": previous.get("suite", {}).get("measures", {})}
-    meta.setdefault("storygpt", {})["previous"] = previous
-    atomic_write(paths[0], lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    edit_model_info(model_dir, lambda info: info.update(previous=previous))
