@@ -142,7 +142,7 @@ class Guide:
         self.quote = tokenizer.encode('"x')[0]  # an opening quotation mark after a space
         pieces = [_piece_text(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size)]
         # tokens that go on the word before them ("ball" + "oon"), with their text
-        self.glue = {i: p.lower() for i, p in enumerate(pieces) if p[:1].isalpha() or p[:2].startswith("'")}
+        self.glue = {i: p.lower() for i, p in enumerate(pieces) if p[:1].isalpha() or p[:1] == "'"}
         self.words = [_word(tokenizer, w) for w in req.words]
         self.dialogue = req.dialogue
         start = tokenizer.encode(beginning) if beginning.strip() else []
@@ -153,34 +153,40 @@ class Guide:
     def adjust(self, logits: torch.Tensor, live: list[int]) -> torch.Tensor:
         """The (n, vocab) logits with each live sample's bonuses, bars and forced tokens."""
         for i in live:
-            s = self.samples[i]
+            s, row = self.samples[i], logits[i]
             s.offered = False
-            row = logits[i]
             if s.finished and not s.force:
                 row[self._unglued(s)] = float("-inf")
-            if not (s.force or s.words or s.sentence or s.dialogue):
-                continue
             if s.force or s.words or s.sentence:
                 row[self.eos] = float("-inf")
-            left = self.max_new - s.generated
-            need = (len(self.sentence) if s.sentence else 0) + sum(len(w.shortest) for w in s.words)
-            if not s.force and (s.words or s.sentence) and left <= need + 1:
-                s.force = list(self.sentence) if s.sentence else list(s.words[0].shortest)
-            elif not s.force and s.sentence and s.at_boundary and s.boundaries >= SENTENCE_FORCE_AT:
-                s.force = list(self.sentence)
+            if not s.force:
+                s.force = self._due(s)
             if s.force:
                 row.fill_(float("-inf"))
                 row[s.force[0]] = 0.0
-                continue
-            bonus = min(WORD_MAX, WORD_RATE * (s.generated + 1))
-            for w in s.words:
-                row[w.starts] += bonus
-            if s.at_boundary and s.sentence:
-                row[self.sentence[0]] += SENTENCE_RATE * s.boundaries
-                s.offered = True
-            if s.at_boundary and s.dialogue:
-                row[self.quote] += min(DIALOGUE_MAX, DIALOGUE_RATE * s.boundaries)
+            else:
+                self._bonuses(s, row)
         return logits
+
+    def _due(self, s: _Sample) -> list[int]:
+        """The tokens to write now: what is missing once the tokens left are just enough for it, or the
+        sentence at the boundary that places it outright; else none."""
+        need = (len(self.sentence) if s.sentence else 0) + sum(len(w.shortest) for w in s.words)
+        if (s.words or s.sentence) and self.max_new - s.generated <= need + 1:
+            return list(self.sentence) if s.sentence else list(s.words[0].shortest)
+        if s.sentence and s.at_boundary and s.boundaries >= SENTENCE_FORCE_AT:
+            return list(self.sentence)
+        return []
+
+    def _bonuses(self, s: _Sample, row: torch.Tensor) -> None:
+        bonus = min(WORD_MAX, WORD_RATE * (s.generated + 1))
+        for w in s.words:
+            row[w.starts] += bonus
+        if s.at_boundary and s.sentence:
+            row[self.sentence[0]] += SENTENCE_RATE * s.boundaries
+            s.offered = True
+        if s.at_boundary and s.dialogue:
+            row[self.quote] += min(DIALOGUE_MAX, DIALOGUE_RATE * s.boundaries)
 
     def observe(self, i: int, token: int) -> None:
         """Sample i wrote `token`."""
