@@ -16,7 +16,8 @@ from storygpt.tokenizer import Tokenizer
 
 WORDS = ["dog", "ball", "happy"]
 SENTENCE = "The dog ran to the park."
-VOCAB = ["dog", "ball", "happy", "jump", "tree", "shiny", "sing", "glad", "umbrella", "whisper", "sparkly", "cat"]
+VOCAB = ["dog", "ball", "happy", "jump", "tree", "shiny", "sing", "glad", "umbrella", "whisper", "sparkly", "cat",
+         "use", "have", "include"]  # the last: the verbs that also start a request's next part
 
 
 def test_requests_parse_back_to_their_requirements():

@@ -40,8 +40,11 @@ SENTENCE_RATE, SENTENCE_FORCE_AT = 0.6, 8  # bonus per sentence boundary passed;
 DIALOGUE_RATE, DIALOGUE_MAX = 0.5, 5.0  # bonus of an opening quotation mark per boundary, cap
 _QUOTES = "\"\u201c\u201d"
 _BOUNDARY = re.compile(r"[.!?][\"\u201d]?$")
-_LIST_STOP = {"has", "have", "contains", "contain", "includes", "include", "uses", "use", "is", "it", "in",
-              "with", "about", "that", "the", "a", "an", "some"}
+# a listed word that is one of these verbs, followed by one of those words, starts the request's next part
+# ("... dog and ball and has some dialogue"); the verbs stay requirable words ("the words use, girl and sad")
+_CLAUSE_VERBS = {"has", "have", "contains", "contain", "includes", "include", "uses", "use", "is", "should", "must"}
+_CLAUSE_NEXT = {"the", "some", "a", "an", "characters", "dialogue", "conversation", "it", "to", "be", "have", "use",
+                "include", "contain"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +101,8 @@ def _word_list(text: str) -> list[str]:
     """The words listed at the start of `text` ("ball, dog and happy and has ..." -> ball, dog, happy)."""
     words, end = [], 0
     for m in re.finditer(r"(^|,\s*(?:and\s+)?|\s+and\s+)([A-Za-z][A-Za-z'\-]*)", text):
-        if m.start() != end or m.group(2).lower() in _LIST_STOP:
+        after = re.match(r"\s+([A-Za-z]+)", text[m.end():])
+        if m.start() != end or (m.group(2).lower() in _CLAUSE_VERBS and after and after.group(1).lower() in _CLAUSE_NEXT):
             break
         words.append(m.group(2))
         end = m.end()
