@@ -144,9 +144,7 @@ class Guide:
         self.sentence = tokenizer.encode(req.sentence) if req.sentence else []
         self.sentence_text = req.sentence
         self.quote = tokenizer.encode('"x')[0]  # an opening quotation mark after a space
-        pieces = [_piece_text(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size)]
-        # tokens that go on the word before them ("ball" + "oon"), with their text
-        self.glue = {i: p.lower() for i, p in enumerate(pieces) if p[:1].isalpha() or p[:1] == "'"}
+        self.glue = _glue(tokenizer)
         self.words = [_word(tokenizer, w) for w in req.words]
         self.dialogue = req.dialogue
         start = tokenizer.encode(beginning) if beginning.strip() else []
@@ -252,6 +250,13 @@ def _word(tokenizer: Tokenizer, word: str) -> _Word:
             finish.setdefault(ids[0], ids[1:])
     shortest = min(lower, key=len)
     return _Word(word, starts + sorted(finish), finish, shortest)
+
+
+@lru_cache(maxsize=16)
+def _glue(tokenizer: Tokenizer) -> dict[int, str]:
+    """The tokens that go on the word before them ("ball" + "oon"), with their text (once per tokenizer)."""
+    pieces = [_piece_text(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size)]
+    return {i: p.lower() for i, p in enumerate(pieces) if p[:1].isalpha() or p[:1] == "'"}
 
 
 def _piece_text(piece: str) -> str:
