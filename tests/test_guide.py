@@ -101,3 +101,19 @@ def test_a_written_first_token_finishes_its_word(tokenizer_dir):
         assert torch.isinf(row[0]).sum() == tok.vocab_size - 1  # forced: one token left
         guide.observe(0, rest[-1])
     assert rest == ids[1:] and guide.samples[0].words == []
+
+
+def test_a_first_token_that_is_a_word_finishes_only_what_the_bonus_made(tokenizer_dir):
+    """"tomato" starts with the token of "to": written where the model wanted "to" anyway, it stays "to";
+    written because of the bonus, it becomes "tomato"."""
+    tok = Tokenizer.load(tokenizer_dir)
+    ids = tok.encode("tomato")
+    assert len(ids) > 1 and tok.id_to_piece(ids[0]) == "\u2581to"
+    for own_logit, finished in ((12.0, False), (-4.0, True)):
+        guide = Guide(tok, Requirements(["tomato"]), 1, "", 500)
+        guide.samples[0].generated = 200  # the bonus is at its cap
+        row = torch.zeros(1, tok.vocab_size)
+        row[0, ids[0]] = own_logit
+        assert int(guide.adjust(row, [0])[0].argmax()) == ids[0]
+        guide.observe(0, ids[0])
+        assert guide.samples[0].force == (ids[1:] if finished else []), own_logit

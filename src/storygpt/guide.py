@@ -7,8 +7,9 @@ leaves the writing to the model:
 
 - words: until the story has a requested word (in any inflection: jump, jumps, jumped), the tokens
   that start a form of it get a logit bonus that grows with the story's length (`WORD_RATE` a token, at
-  most `WORD_MAX`); a word of several tokens whose first token is no English word on its own is
-  finished once that token is written (its other tokens are forced);
+  most `WORD_MAX`); a word of several tokens is finished once its first token is written (its other
+  tokens are forced), unless that token is a word on its own ("me" of "merry") that the model was more
+  likely than not to write without the bonus;
 - sentence: at each sentence boundary outside quoted speech the sentence's first token gets a bonus of
   `SENTENCE_RATE` times the boundaries passed; once the model writes it there, the rest of the sentence
   is forced token by token; at the `SENTENCE_FORCE_AT`th boundary it is forced outright;
@@ -118,6 +119,7 @@ class _Word:
     starts: list[int]                 # tokens that start a form of it (the bonus goes to them)
     finish: dict[int, list[int]]      # first token -> the rest of the form, for forms finished once started
     shortest: list[int]               # the tokens of its shortest form (forced when time runs out)
+    loose: set[int] = field(default_factory=set)  # first tokens that are words themselves ("me" of "merry")
 
 
 @dataclass
@@ -132,6 +134,7 @@ class _Sample:
     at_boundary: bool = False
     offered: bool = False             # the sentence's first token was offered at this step
     finished: list[_Word] = field(default_factory=list)  # words the latest token finished
+    caused: dict[int, float] = field(default_factory=dict)  # loose token -> share of its probability from the bonus
     force: list[int] = field(default_factory=list)
 
 
@@ -182,8 +185,13 @@ class Guide:
 
     def _bonuses(self, s: _Sample, row: torch.Tensor) -> None:
         bonus = min(WORD_MAX, WORD_RATE * (s.generated + 1))
+        loose = sorted({t for w in s.words for t in w.loose})
+        before = row.log_softmax(-1)[loose] if loose else None
         for w in s.words:
             row[w.starts] += bonus
+        if loose:  # how much of a loose token's probability the bonus made: 1 - p(alone) / p(with the bonus)
+            share = 1 - (before - row.log_softmax(-1)[loose]).exp()
+            s.caused = dict(zip(loose, share.tolist()))
         if s.at_boundary and s.sentence:
             row[self.sentence[0]] += SENTENCE_RATE * s.boundaries
             s.offered = True
@@ -203,9 +211,10 @@ class Guide:
             s.force = list(self.sentence[1:])
         else:
             for w in s.words:
-                if token in w.finish:
+                if token in w.finish and (token not in w.loose or s.caused.get(token, 0.0) > 0.5):
                     s.force = list(w.finish[token])
                     break
+        s.caused = {}
         s.tokens.append(token)
         self._update(s)
 
@@ -246,10 +255,10 @@ def _word(tokenizer: Tokenizer, word: str) -> _Word:
     starts = sorted({ids[0] for ids in lower + capital if len(ids) == 1})
     finish: dict[int, list[int]] = {}
     for ids in lower:
-        if len(ids) > 1 and ids[0] not in starts and not _is_word(tokenizer.id_to_piece(ids[0])):
+        if len(ids) > 1 and ids[0] not in starts:
             finish.setdefault(ids[0], ids[1:])
-    shortest = min(lower, key=len)
-    return _Word(word, starts + sorted(finish), finish, shortest)
+    loose = {t for t in finish if _is_word(tokenizer.id_to_piece(t))}
+    return _Word(word, starts + sorted(finish), finish, min(lower, key=len), loose)
 
 
 @lru_cache(maxsize=16)
