@@ -55,9 +55,15 @@ def _drive(tok: Tokenizer, req: Requirements, make_logits, max_new: int = 150, b
         token = int(guide.adjust(logits, [0])[0].argmax())
         if token == tok.eos_id:
             return tok.decode(ids), True
-        guide.observe(0, token)
         ids.append(token)
+        _observe(tok, guide, beginning, ids)
     return tok.decode(ids), False
+
+
+def _observe(tok: Tokenizer, guide: Guide, beginning: str, ids: list[int]) -> None:
+    """Tell the guide of its one sample the last of `ids` (the beginning's tokens and those written)."""
+    start = len(tok.decode(tok.encode(beginning))) if beginning else 0
+    guide.observe(0, ids[-1], tok.decode(ids)[start:] if start else " " + tok.decode(ids))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -93,13 +99,15 @@ def test_a_written_first_token_finishes_its_word(tokenizer_dir):
     req = Requirements([word, "dog"], None, False)
     guide = Guide(tok, req, 1, "The dog", 50)
     assert [w.word for w in guide.samples[0].words] == [word]
-    guide.observe(0, ids[0])
+    written = tok.encode("The dog") + ids[:1]
+    _observe(tok, guide, "The dog", written)
     rest = []
     for _ in range(len(ids) - 1):
         row = torch.zeros(1, tok.vocab_size)
         rest.append(int(guide.adjust(row, [0])[0].argmax()))
         assert torch.isinf(row[0]).sum() == tok.vocab_size - 1  # forced: one token left
-        guide.observe(0, rest[-1])
+        written.append(rest[-1])
+        _observe(tok, guide, "The dog", written)
     assert rest == ids[1:] and guide.samples[0].words == []
 
 
@@ -115,5 +123,5 @@ def test_a_first_token_that_is_a_word_finishes_only_what_the_bonus_made(tokenize
         row = torch.zeros(1, tok.vocab_size)
         row[0, ids[0]] = own_logit
         assert int(guide.adjust(row, [0])[0].argmax()) == ids[0]
-        guide.observe(0, ids[0])
+        _observe(tok, guide, "", ids[:1])
         assert guide.samples[0].force == (ids[1:] if finished else []), own_logit

@@ -147,9 +147,9 @@ class Story:
         ended = []
         for i in live:
             self.rows[i].append(picked[i])
-            if self.guide is not None:
-                self.guide.observe(i, picked[i])
             text = tok.decode(self.rows[i])[len(self.base_text):]
+            if self.guide is not None:
+                self.guide.observe(i, picked[i], text)
             cut = _first_stop(text, opts.stop)
             if cut is not None:
                 text = text[:cut]

@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import torch
 
-from .instruct import REQUEST, split_record
+from .instruct import REQUEST, WORD, split_record
 from .instruct_data import contains_sentence, contains_word, has_dialogue, inflections
 from .tokenizer import Tokenizer
 
@@ -72,7 +72,7 @@ def requirements_of(prompt: str) -> Requirements | None:
         name, _, value = line.partition(":")
         value = value.strip()
         if name == "Words":
-            req.words = [w.strip() for w in value.split(",") if re.fullmatch(r"[A-Za-z][A-Za-z'\-]*", w.strip())]
+            req.words = [w.strip() for w in value.split(",") if re.fullmatch(WORD, w.strip())]
         elif name == "Random sentence":
             req.sentence = value or None
         elif name == "Features":
@@ -101,7 +101,7 @@ def parse_request(text: str) -> Requirements:
 def _word_list(text: str) -> list[str]:
     """The words listed at the start of `text` ("ball, dog and happy and has ..." -> ball, dog, happy)."""
     words, end = [], 0
-    for m in re.finditer(r"(^|,\s*(?:and\s+)?|\s+and\s+)([A-Za-z][A-Za-z'\-]*)", text):
+    for m in re.finditer(rf"(^|,\s*(?:and\s+)?|\s+and\s+)({WORD})", text):
         after = re.match(r"\s+([A-Za-z]+)", text[m.end():])
         if m.start() != end or (m.group(2).lower() in _CLAUSE_VERBS and after and after.group(1).lower() in _CLAUSE_NEXT):
             break
@@ -124,8 +124,7 @@ class _Word:
 
 @dataclass
 class _Sample:
-    tokens: list[int]
-    text: str
+    text: str                         # the story so far: its beginning and what the sample wrote
     words: list[_Word]
     sentence: bool
     dialogue: bool
@@ -140,7 +139,7 @@ class _Sample:
 
 class Guide:
     """Steers the n samples of one story toward `req` (see the module's text). `Story` calls `adjust`
-    on each step's logits and `observe` with each token drawn."""
+    on each step's logits and `observe` with each token drawn and the text the sample has written."""
 
     def __init__(self, tokenizer: Tokenizer, req: Requirements, n: int, beginning: str, max_new_tokens: int):
         self.tok, self.eos, self.max_new = tokenizer, tokenizer.eos_id, max_new_tokens
@@ -150,8 +149,8 @@ class Guide:
         self.glue = _glue(tokenizer)
         self.words = [_word(tokenizer, w) for w in req.words]
         self.dialogue = req.dialogue
-        start = tokenizer.encode(beginning) if beginning.strip() else []
-        self.samples = [_Sample(list(start), "", [], bool(self.sentence), req.dialogue) for _ in range(n)]
+        self.beginning = tokenizer.decode(tokenizer.encode(beginning)) if beginning.strip() else ""
+        self.samples = [_Sample(self.beginning, [], bool(self.sentence), req.dialogue) for _ in range(n)]
         for s in self.samples:
             self._update(s)
 
@@ -198,8 +197,9 @@ class Guide:
         if s.at_boundary and s.dialogue:
             row[self.quote] += min(DIALOGUE_MAX, DIALOGUE_RATE * s.boundaries)
 
-    def observe(self, i: int, token: int) -> None:
-        """Sample i wrote `token`."""
+    def observe(self, i: int, token: int, written: str) -> None:
+        """Sample i wrote `token`; `written` is all it wrote after the beginning, as decoded after it (the
+        text the caller shows, so the story is decoded once a token)."""
         s = self.samples[i]
         s.generated += 1
         if s.force:
@@ -215,7 +215,7 @@ class Guide:
                     s.force = list(w.finish[token])
                     break
         s.caused = {}
-        s.tokens.append(token)
+        s.text = self.beginning + written
         self._update(s)
 
     def _unglued(self, s: _Sample) -> list[int]:
@@ -226,7 +226,6 @@ class Guide:
         return [i for i, p in self.glue.items() if not any(f.startswith(tail + p) for f in forms)]
 
     def _update(self, s: _Sample) -> None:
-        s.text = self.tok.decode(s.tokens)
         # from the whole text each time: a word's next token may still turn it into another ("sing" + "le")
         words = [w for w in self.words if not contains_word(s.text, w.word)]
         s.finished = [w for w in s.words if w not in words]

@@ -32,6 +32,7 @@ FEATURES = ("Dialogue", "BadEnding", "MoralValue", "Twist", "Foreshadowing", "Co
 INSTRUCT_INFO = {"format": "tinystories-instruct", "version": 1, "fields": list(FIELDS), "request": REQUEST,
                  "story": STORY}
 MAX_WORDS = 8
+WORD = r"[A-Za-z][A-Za-z'\-]*"  # a requested word (letters, inner apostrophes and hyphens)
 MAX_FIELD_CHARS = 1000
 
 _FEATURE_KEYS = {f.lower(): f for f in FEATURES}
@@ -70,7 +71,7 @@ def normalize_words(words) -> list[str]:
     if len(out) > MAX_WORDS:
         raise StoryGPTError(f"at most {MAX_WORDS} words, got {len(out)}")
     for w in out:
-        if not re.fullmatch(r"[A-Za-z][A-Za-z'\-]*", w):
+        if not re.fullmatch(WORD, w):
             raise StoryGPTError(f"{w!r} is not a word (letters only, one word each)")
     return out
 
