@@ -113,8 +113,10 @@ def train_point(work: Path, data: Path, name: str, steps: int) -> dict:
             summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
             if summary.get("step", 0) < stop:
                 resume = (run / LATEST).exists()
-                train(data, run, preset="small", overrides=overrides(dim, layers, extra), resume=resume,
-                      max_steps=steps, until_step=stop if stop < steps else None, progress=False)
+                summary = train(data, run, preset="small", overrides=overrides(dim, layers, extra), resume=resume,
+                                max_steps=steps, until_step=stop if stop < steps else None, progress=False)
+                if summary["stop_reason"] == "interrupted":  # Ctrl-C: the study stops here, to resume later
+                    raise SystemExit(f"{name}: interrupted at step {summary['step']}; run again to resume")
             if name == TRACKED:
                 stage_model(run, stage_dir)
         done.append((stop / steps, stage_dir if name == TRACKED else run / "model"))
@@ -125,14 +127,15 @@ def train_point(work: Path, data: Path, name: str, steps: int) -> dict:
 # Grading
 # --------------------------------------------------------------------------------------------
 def grade(work: Path, models: dict[str, Path], cfg: SuiteConfig, key: str) -> dict:
-    """The suite's results per model (kept in WORK/grades_KEY.json; only new models are graded)."""
+    """The suite's results per model (kept in WORK/grades_KEY.json as each model is graded; only new models
+    are graded)."""
     path = work / f"grades_{key}.json"
     grades = json.loads(path.read_text()) if path.exists() else {}
-    todo = [f"{n}={p}" for n, p in models.items() if n not in grades]
-    if todo:
-        report = run_suite(todo, cfg, progress=False)
-        grades |= report["models"]
-        path.write_text(json.dumps(grades, indent=2) + "\n")
+    for name, model in models.items():
+        if name not in grades:
+            grades |= run_suite([f"{name}={model}"], cfg, progress=False)["models"]
+            path.write_text(json.dumps(grades, indent=2) + "\n")
+            print(f"graded {name}", flush=True)
     return {n: grades[n] for n in models}
 
 
