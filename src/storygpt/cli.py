@@ -219,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights: fp32|fp16|bf16 (llama2c: always fp32); gguf: f32|f16|q8_0 (fp32/fp16 accepted)")
     x.set_defaults(func=commands.cmd_export)
 
+    av = sub.add_parser("average", help="the mean of a run's kept weights (train.snapshot_from) as a model directory")
+    av.add_argument("run", help="run directory trained with --set train.snapshot_from=STEP")
+    av.add_argument("--from-step", type=int, default=0, help="average the snapshots of this step and later")
+    av.add_argument("--out", help="model directory (default RUN/model_avg)")
+    av.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    av.set_defaults(func=commands.cmd_average)
+
     im = sub.add_parser("import", help="make a storygpt model of a llama2.c model.bin or a transformers llama folder")
     im.add_argument("source", help="llama2c: the model.bin (version 0); hf: the LlamaForCausalLM folder")
     im.add_argument("--format", required=True, choices=["llama2c", "hf"])

@@ -202,6 +202,15 @@ def cmd_export(args) -> None:
     print(f"-> {out} ({args.format}, {size / 1e6:.1f} MB, {dtype})")
 
 
+def cmd_average(args) -> None:
+    from .averaging import average_snapshots
+    from .device import DTYPES
+
+    out = average_snapshots(args.run, args.out, args.from_step, DTYPES[args.dtype])
+    steps = json.loads((out / "config.json").read_text())["storygpt"]["averaged_steps"]
+    print(f"-> {out} (mean of {len(steps)} snapshots, steps {steps[0]}-{steps[-1]}, {args.dtype})")
+
+
 def cmd_import(args) -> None:
     from .importer import import_model
 

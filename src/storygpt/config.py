@@ -37,6 +37,7 @@ class TrainConfig:
     eval_interval: int = 250        # steps between validation runs
     eval_iters: int = 20            # fixed validation batches per run
     checkpoint_interval: int = 500  # steps between latest-checkpoint writes
+    snapshot_from: int = 0          # keep the weights of each checkpoint from this step on (weight averaging); 0 = off
     log_interval: int = 10
     dtype: str = "auto"             # auto | bf16 | fp16 | fp32 (autocast compute dtype)
     compile: bool = False           # torch.compile the model
@@ -53,8 +54,8 @@ class TrainConfig:
             raise StoryGPTError(f"train.max_time must be >= 0 minutes, got {self.max_time}")
         if not (0 < self.lr < 1) or not (0 <= self.min_lr <= self.lr):
             raise StoryGPTError(f"need 0 < train.lr < 1 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise StoryGPTError("train.warmup_steps, weight_decay and grad_clip must be >= 0")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.snapshot_from < 0:
+            raise StoryGPTError("train.warmup_steps, weight_decay, grad_clip and snapshot_from must be >= 0")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise StoryGPTError(f"train.dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if self.strategy not in ("ddp", "fsdp"):

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from .averaging import keep_snapshot
 from .checkpoint import BEST, LATEST, load_checkpoint
 from .config import RunConfig
 from .data import TokenData, instruction_pairs
@@ -278,6 +279,15 @@ def _steps(job: Job, state: LoopState, session: Session, stop: StopFlag, log, ba
     if state.last_eval_step != state.step:
         evaluate(job, state, log)
     save(job, state, LATEST)
+    if state.stop_reason in ("max_steps", "max_time"):
+        snapshot(job, state)
+
+
+def snapshot(job: Job, state: LoopState) -> None:
+    """The weights of the checkpoint just written, kept for weight averaging from train.snapshot_from on."""
+    tc = job.cfg.train
+    if tc.snapshot_from and state.step >= tc.snapshot_from and job.d.is_main:
+        keep_snapshot(job.run, state.step, LATEST, job.cfg.model)
 
 
 def _log_step(job: Job, state: LoopState, session: Session, sums: torch.Tensor, lr: float, log, bar) -> None:
@@ -304,6 +314,7 @@ def _periodic(job: Job, state: LoopState, session: Session, log) -> None:
             evaluate(job, state, log)
         if state.step % tc.checkpoint_interval == 0:
             save(job, state, LATEST)
+            snapshot(job, state)
     if state.step % tc.log_interval == 0:
         session.window_start, session.window_tokens = time.perf_counter(), 0
 
