@@ -18,9 +18,12 @@ import textwrap
 import pytest
 import torch
 from conftest import run_cli
+from safetensors.torch import load_file
 
+from storygpt.averaging import snapshots
 from storygpt.checkpoint import LATEST, checkpoint_weights, load_checkpoint, load_model
 from storygpt.data import TokenData, prepare
+from storygpt.model import ModelConfig
 from storygpt.train import train
 
 TOLERANCE = 1e-5  # relative, on every logged train and val loss
@@ -118,10 +121,16 @@ def test_fsdp_matches_one_process_and_resumes_on_other_world_sizes(tmp_path, dat
     # ... resumed by 1 rank (batch 8: the same global batch) up to step 8 ...
     torchrun(1, until_script, "-", run, 8, "batch_size=8")
     # ... and by 2 ranks again, to the end, through the CLI
-    torchrun(2, *train_cli("--resume", run, "--set", "batch_size=4"))
+    torchrun(2, *train_cli("--resume", run, "--set", "batch_size=4", "--set", f"snapshot_from={STEPS}"))
     assert_same_curve(run, reference)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == STEPS and summary["strategy"] == "fsdp"
+    # the weights kept for averaging are the whole model, gathered from the shards
+    latest = load_checkpoint(run / LATEST)
+    full = checkpoint_weights(run / LATEST, latest, ModelConfig.from_dict(latest["config"]["model"]))
+    kept = load_file(snapshots(run)[STEPS])
+    assert list(snapshots(run)) == [STEPS] and kept.keys() == full.keys() - {"output.weight"}  # tied: once
+    assert all(torch.equal(v, full[k]) for k, v in kept.items())
     # the exported model and the sharded checkpoint hold the same weights, readable without any process group
     model, _, info = load_model(run / "model")
     best = load_checkpoint(run / "ckpt_best.pt")
