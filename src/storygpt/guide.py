@@ -142,7 +142,7 @@ class Guide:
     on each step's logits and `observe` with each token drawn and the text the sample has written."""
 
     def __init__(self, tokenizer: Tokenizer, req: Requirements, n: int, beginning: str, max_new_tokens: int):
-        self.tok, self.eos, self.max_new = tokenizer, tokenizer.eos_id, max_new_tokens
+        self.eos, self.max_new = tokenizer.eos_id, max_new_tokens
         self.sentence = tokenizer.encode(req.sentence) if req.sentence else []
         self.sentence_text = req.sentence
         self.quote = tokenizer.encode('"x')[0]  # an opening quotation mark after a space
