@@ -131,11 +131,15 @@ def grade(work: Path, models: dict[str, Path], cfg: SuiteConfig, key: str) -> di
     are graded)."""
     path = work / f"grades_{key}.json"
     grades = json.loads(path.read_text()) if path.exists() else {}
-    for name, model in models.items():
-        if name not in grades:
-            grades |= run_suite([f"{name}={model}"], cfg, progress=False)["models"]
-            path.write_text(json.dumps(grades, indent=2) + "\n")
-            print(f"graded {name}", flush=True)
+
+    def keep(name: str, result: dict) -> None:
+        grades[name] = result
+        path.write_text(json.dumps(grades, indent=2) + "\n")
+        print(f"graded {name}", flush=True)
+
+    todo = [f"{name}={model}" for name, model in models.items() if name not in grades]
+    if todo:  # one suite run: the training files are indexed once for all models
+        run_suite(todo, cfg, progress=False, on_graded=keep)
     return {n: grades[n] for n in models}
 
 

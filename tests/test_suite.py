@@ -147,10 +147,16 @@ def small_config(inputs, **kw) -> SuiteConfig:
 
 def test_suite_is_deterministic_and_complete(tiny_run, suite_inputs):
     first = run_suite([f"tiny={tiny_run}"], small_config(suite_inputs), progress=False)
-    second = run_suite([f"tiny={tiny_run}"], small_config(suite_inputs), progress=False)
+    graded = []
+    second = run_suite([f"tiny={tiny_run}", f"again={tiny_run}"], small_config(suite_inputs), progress=False,
+                       on_graded=lambda name, result: graded.append((name, result)))
+    assert [name for name, _ in graded] == ["tiny", "again"]
+    assert all(result is second["models"][name] for name, result in graded)
     for report in (first, second):
-        del report["models"]["tiny"]["speed"]
-    assert first == second
+        for result in report["models"].values():
+            del result["speed"]
+    assert first["suite"] == second["suite"]
+    assert first["models"]["tiny"] == second["models"]["tiny"] == second["models"]["again"]
     r = first["models"]["tiny"]
     for key in ("bits_per_byte", "cloze", "continuation", "grammar", "ended", "repetition", "loops", "distinct_2",
                 "self_bleu", "novelty", "spelling", "names", "samples"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -216,8 +217,10 @@ def model_names(specs: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def run_suite(models: list[str], cfg: SuiteConfig | None = None, progress: bool = True) -> dict:
-    """Grade each model ([NAME=]PATH, 'default' = the shipped model); returns the report."""
+def run_suite(models: list[str], cfg: SuiteConfig | None = None, progress: bool = True,
+              on_graded: Callable[[str, dict], None] | None = None) -> dict:
+    """Grade each model ([NAME=]PATH, 'default' = the shipped model); returns the report. `on_graded(name,
+    result)` is called as each model is done (a long study keeps its grades as it goes)."""
     from .evaluate import evaluate
     from .generation import generation_measures
     from .novelty import TrainingIndex
@@ -251,4 +254,6 @@ def run_suite(models: list[str], cfg: SuiteConfig | None = None, progress: bool 
         steps.update()
         steps.close()
         report["models"][name] = result
+        if on_graded:
+            on_graded(name, result)
     return report
