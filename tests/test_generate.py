@@ -196,9 +196,20 @@ def test_export_fp16(tiny_run, tmp_path, story_file, capsys):
 def test_shipped_default_model():
     """The model installed with the package loads without arguments and writes a story."""
     model = storygpt.load()
-    assert model.context == 256 and model.tokenizer.vocab_size == 4096
+    assert model.context == 512 and model.tokenizer.vocab_size == 4096
     text = model.generate("Once upon a time", seed=1, max_new_tokens=30)
     assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 20
+
+
+def test_shipped_default_model_carries_its_quality_and_its_predecessors():
+    """The suite's report of the shipped model and of the one it replaced travel in its config (the app's table)."""
+    from storygpt.quality import quality_rows
+
+    rows = {r["measure"]: r for r in quality_rows(storygpt.load().facts())}
+    previous = next(k for k in rows["cloze (consistency items)"] if k.startswith("v1"))
+    assert rows["held-out bits/byte"]["this model"] <= 0.86 < rows["held-out bits/byte"][previous]
+    for measure in ("cloze (consistency items)", "continuation (true ending found)", "grammar (minimal pairs)"):
+        assert rows[measure]["this model"] > rows[measure][previous], measure
 
 
 def test_stream_samples_reports_per_call_stats(tiny_run):
