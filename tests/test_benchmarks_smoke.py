@@ -58,3 +58,18 @@ def test_instruct_smoke(story_file):
     assert "base fields+guide" not in out.stdout  # a plain model is never guided
     for fmt in ("fields", "request"):  # guided: every word and the sentence, even in 40 tokens
         assert f"instruct {fmt}+guide: {{'all_words': 1.0, 'each_word': 1.0, 'sentence': 1.0," in out.stdout, out.stdout
+
+
+def test_names_probe_smoke(tmp_path):
+    """names kept over the suite's 44 beginnings, split into completions with and without a misspelled word."""
+    import json
+
+    out = subprocess.run([sys.executable, BENCHMARKS / "names_probe.py", "--model", "shipped=default", "--samples", "1",
+                          "--max-new-tokens", "24", "--out", tmp_path / "names.json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads((tmp_path / "names.json").read_text())["models"]["shipped"]
+    assert r["completions"] == 44 == r["completions_clean"] + r["completions_misspelled"]
+    kept = sum((r[f"names_{k}"] or 0) * r[f"completions_{k}"] for k in ("clean", "misspelled"))
+    assert abs(kept / 44 - r["names"]) < 1e-9 and 0 <= r["misspelled_words"] < 1
+    assert out.stdout.startswith("shipped: names kept")

@@ -1,0 +1,70 @@
+"""Where a model loses its characters' names: the suite's names-kept measure on its 44 story beginnings, split
+by whether the completion has a misspelled word (a derailed story), for several models in one run.
+
+    python benchmarks/names_probe.py --model v2=src/storygpt/default_model v1=OLD [--samples 10] [--seed 1000]
+                                     [--top-p 1.0] [--max-new-tokens 256] [--out names.json]
+
+Sampling is the suite's (storygpt.generation.sample with a SuiteConfig: temperature 1.0, 256 new tokens);
+--top-p below 1 cuts the tail, as a diagnostic (the suite's setting is 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+
+from storygpt import load, measures
+from storygpt.generation import sample
+from storygpt.suite import SuiteConfig, load_prompts
+
+
+def probe(path: str, prompts: list[str], cfg: SuiteConfig) -> dict:
+    completions, _, speed = sample(load(path, dtype="fp32"), prompts, cfg, progress=False)
+    kept = {"clean": [], "misspelled": []}
+    bad_words = total_words = 0
+    new_names: Counter = Counter()
+    for prompt, group in zip(prompts, completions):
+        for text in group:
+            bad, total = measures.misspelled(text)
+            bad_words, total_words = bad_words + bad, total_words + total
+            keeps = measures.keeps_names(prompt, text)
+            kept["misspelled" if bad else "clean"].append(keeps)
+            if not keeps:
+                new_names.update(n for n in measures.names(prompt + text) if not re.search(rf"\b{n}\b", prompt))
+    every = kept["clean"] + kept["misspelled"]
+    return {"names": sum(every) / len(every), "completions": len(every),
+            "misspelled_words": bad_words / max(1, total_words),
+            **{f"names_{k}": (sum(v) / len(v) if v else None) for k, v in kept.items()},
+            **{f"completions_{k}": len(v) for k, v in kept.items()},
+            "new_names": new_names.most_common(10), "seconds": round(speed["seconds"], 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", nargs="+", required=True, metavar="NAME=PATH")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+    prompts = load_prompts(None)
+    cfg = SuiteConfig(samples=args.samples, seed=args.seed, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    results = {}
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        results[name] = probe(path or name, prompts, cfg)
+        r = results[name]
+        share = {k: "-" if r[f"names_{k}"] is None else f"{r[f'names_{k}']:.3f}" for k in ("clean", "misspelled")}
+        print(f"{name}: names kept {r['names']:.3f} of {r['completions']} | without a misspelled word "
+              f"{share['clean']} ({r['completions_clean']}) | with one {share['misspelled']} "
+              f"({r['completions_misspelled']}) | misspelled words {r['misspelled_words']:.4f}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"samples": args.samples, "seed": args.seed, "top_p": args.top_p, "models": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
