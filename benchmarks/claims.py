@@ -215,6 +215,7 @@ def main() -> None:
     result = header("claims", budget_minutes=args.budget_minutes, samples=args.samples,
                     probes=json.loads((work / "probes.json").read_text()),
                     steps={n: p["steps"] for n, p in points.items()}, grid={n: list(GRID[n]) for n in GRID},
+                    tokens_per_step=RECIPE["train.batch_size"] * RECIPE["train.seq_len"],
                     grades=finals, stages=stages, memorisation=json.loads(memo_path.read_text()),
                     wall_minutes_this_sitting=round((time.time() - t0) / 60, 1))
     print("->", write_claims(result, out, smoke=args.smoke))

@@ -106,6 +106,27 @@ def loss_tracks_grades(points: dict) -> tuple[str, str]:
                      + ", ".join(f"{g} {v:+.2f}" for g, v in rho.items()) + " (negative: lower loss, better grade).")
 
 
+def budget_note(result: dict) -> str:
+    """What one budget of minutes means for the grid: how many tokens each model saw, and whether the
+    largest models were still undertrained (then the verdicts are about a fixed budget, not capacity)."""
+    grades, steps, grid = result["grades"], result["steps"], result["grid"]
+    per_step = result["tokens_per_step"]
+    most, least = max(steps, key=steps.get), min(steps, key=steps.get)
+    best = min(grades, key=lambda n: grades[n]["bits_per_byte"])
+    params = {n: grades[n]["params"] for n in grades}
+    text = (f"Every model had the same {result['budget_minutes']} minutes, so they saw different amounts of text: "
+            f"{steps[most]:,} steps x {per_step:,} tokens for {most} ({params[most] / 1e6:.2f}M parameters) down to "
+            f"{steps[least]:,} steps for {least} ({params[least] / 1e6:.2f}M). The lowest held-out loss is {best}'s "
+            f"({grades[best]['bits_per_byte']:.3f} bits/byte, {params[best] / 1e6:.2f}M parameters).")
+    largest = max(grades, key=params.get)
+    if best != largest:
+        text += (f" The largest model, {largest}, reaches only {grades[largest]['bits_per_byte']:.3f}: at this budget a "
+                 "larger model is undertrained, not more capable, so the verdicts on width and depth say what a fixed "
+                 "CPU budget buys. The paper trained every model to convergence on the whole TinyStories set; "
+                 "testing capacity that way needs each model trained until its held-out loss stops falling.")
+    return text
+
+
 # --------------------------------------------------------------------------------------------
 # Plots and tables
 # --------------------------------------------------------------------------------------------
@@ -198,6 +219,7 @@ def write_claims(result: dict, out: Path, smoke: bool = False) -> Path:
              (" **SMOKE RUN: tiny budget, not a result.**" if smoke else ""), "", "## Verdicts", "",
              "| claim | verdict | the numbers |", "|---|---|---|"]
     lines += [f"| {c} | **{v}** | {why} |" for c, v, why, _ in verdicts]
+    lines += ["", "**Reading the verdicts.** " + budget_note(result)]
     lines += ["", "![grades](claims/grades.png)", "", "![loss vs grades](claims/loss_vs_grades.png)", "",
               "![memorisation](claims/memorisation.png)", "", "## The grid", ""]
     lines += table(grades, result["grid"], result["steps"])
