@@ -109,7 +109,7 @@ def loss_tracks_grades(points: dict) -> tuple[str, str]:
 def budget_note(result: dict) -> str:
     """What one budget of minutes means for the grid: how many tokens each model saw, and whether the
     largest models were still undertrained (then the verdicts are about a fixed budget, not capacity)."""
-    grades, steps, grid = result["grades"], result["steps"], result["grid"]
+    grades, steps = result["grades"], result["steps"]
     per_step = result["tokens_per_step"]
     most, least = max(steps, key=steps.get), min(steps, key=steps.get)
     best = min(grades, key=lambda n: grades[n]["bits_per_byte"])
