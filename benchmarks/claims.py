@@ -49,6 +49,7 @@ TRACKED, STAGES = "w256", 10
 RECIPE = {"train.batch_size": 16, "train.seq_len": 256, "train.lr": 2e-3, "train.min_lr": 2e-4,
           "train.warmup_steps": 50, "train.weight_decay": 0.1, "model.dropout": 0.0, "model.max_seq_len": 256,
           "train.compile": True, "train.seed": 1337}
+TOKENS_PER_STEP = RECIPE["train.batch_size"] * RECIPE["train.seq_len"]
 
 
 def overrides(dim: int, layers: int, extra: dict | None = None) -> list[str]:
@@ -83,8 +84,7 @@ def probe(work: Path, data: Path, name: str, steps: int = 40) -> float:
                                                                            "train.eval_interval": 10_000}),
               max_steps=steps, progress=False)
         windows = [r["tok_per_s"] for r in read_log(run) if "tok_per_s" in r and r["step"] > every]  # after compiling
-        tokens_per_step = RECIPE["train.batch_size"] * RECIPE["train.seq_len"]
-        probes[name] = tokens_per_step / (sorted(windows)[len(windows) // 2])
+        probes[name] = TOKENS_PER_STEP / (sorted(windows)[len(windows) // 2])
         path.write_text(json.dumps(probes, indent=2) + "\n")
         shutil.rmtree(run)
     return probes[name]
@@ -215,7 +215,7 @@ def main() -> None:
     result = header("claims", budget_minutes=args.budget_minutes, samples=args.samples,
                     probes=json.loads((work / "probes.json").read_text()),
                     steps={n: p["steps"] for n, p in points.items()}, grid={n: list(GRID[n]) for n in GRID},
-                    tokens_per_step=RECIPE["train.batch_size"] * RECIPE["train.seq_len"],
+                    tokens_per_step=TOKENS_PER_STEP,
                     grades=finals, stages=stages, memorisation=json.loads(memo_path.read_text()),
                     wall_minutes_this_sitting=round((time.time() - t0) / 60, 1))
     print("->", write_claims(result, out, smoke=args.smoke))
