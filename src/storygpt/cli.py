@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "TinyStories-Instruct records; .txt records in that format are read as such anyway")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=commands.cmd_data_prepare)
+    dr = data.add_parser("rename", help="the same stories with a share of them renamed: each character whose "
+                                        "gender is known gets a new name, the same at every use")
+    dr.add_argument("--input", nargs="+", required=True, help="TinyStories .txt, .json/.jsonl files or folders")
+    dr.add_argument("--out", required=True, help="the stories, in TinyStories .txt format")
+    dr.add_argument("--share", type=float, default=0.8, help="share of stories whose characters are renamed")
+    dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument("--field", default=None)
+    dr.set_defaults(func=commands.cmd_data_rename)
     di = data.add_parser("instruct", help="turn stories into TinyStories-Instruct records (words, sentence, "
                                           "features, or a request in plain language; then `data prepare`)")
     di.add_argument("--input", nargs="+", required=True, help="TinyStories .txt, .json/.jsonl files or folders")

@@ -45,6 +45,13 @@ def cmd_data_instruct(args) -> None:
           f"({counts['skipped']:,} gave none) -> {args.out}")
 
 
+def cmd_data_rename(args) -> None:
+    from .rename import build
+
+    counts = build(args.input, args.out, share=args.share, seed=args.seed, field=args.field)
+    print(f"{counts['renamed']:,} of {counts['stories']:,} stories renamed -> {args.out}")
+
+
 def cmd_data_download(args) -> None:
     from .download import describe, download_tinystories
 
