@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from storygpt.device import machine_description
+from storygpt.errors import StoryGPTError
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -83,3 +85,13 @@ def table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r) for fmt in columns.values()) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a benchmark's main(): bad input (a StoryGPTError: a missing model, a bad value) ends as one line
+    on stderr and exit code 2, as in the storygpt CLI, not as a traceback."""
+    try:
+        main()
+    except StoryGPTError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

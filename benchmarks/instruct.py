@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import header, save
+from common import header, run, save
 
 import storygpt
 from storygpt.batching import Done, Finish, Piece
@@ -194,4 +194,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,21 +3,50 @@ by whether the completion has a misspelled word (a derailed story), for several 
 
     python benchmarks/names_probe.py --model v2=src/storygpt/default_model v1=OLD [--samples 10] [--seed 1000]
                                      [--top-p 1.0] [--max-new-tokens 256] [--out names.json]
+                                     [--stories DATA_DIR [--beginnings 150] [--cut 0.2]]
 
 Sampling is the suite's (storygpt.generation.sample with a SuiteConfig: temperature 1.0, 256 new tokens);
---top-p below 1 cuts the tail, as a diagnostic (the suite's setting is 1.0).
+--top-p below 1 cuts the tail, as a diagnostic (the suite's setting is 1.0). --stories takes the beginnings
+from the val split of prepared data instead (its first N stories of at least 60 words, cut at --cut of their
+words): a dev set to choose a recipe on, so that the suite's prompts only report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import Counter
+from pathlib import Path
+
+import numpy as np
 
 from storygpt import load, measures
+from storygpt.data import read_meta
+from storygpt.errors import StoryGPTError
 from storygpt.generation import sample
-from storygpt.suite import SuiteConfig, load_prompts
+from storygpt.suite import SuiteConfig, load_prompts, split_story
+from storygpt.tokenizer import Tokenizer
+
+from common import run
+
+
+def dev_beginnings(data_dir: str, n: int, cut: float, min_words: int = 60) -> list[str]:
+    """The first `n` stories of at least `min_words` words in the val split of prepared data, cut at `cut`."""
+    meta = read_meta(data_dir)
+    tok = Tokenizer.load(Path(data_dir) / "tokenizer")
+    beginnings: list[str] = []
+    for shard in meta["splits"]["val"]["shards"]:
+        ids = np.fromfile(Path(data_dir) / shard["file"], dtype=meta["dtype"])
+        ends = np.flatnonzero(ids == meta["eos_id"])
+        for start, end in zip(np.concatenate([[-1], ends[:-1]]) + 1, ends):
+            story = tok.decode(ids[start:end].tolist()).strip()
+            if len(story.split()) >= min_words:
+                beginnings.append(split_story(story, cut)[0])
+                if len(beginnings) == n:
+                    return beginnings
+    if not beginnings:
+        raise StoryGPTError(f"{data_dir}: no val story of {min_words} words or more")
+    return beginnings
 
 
 def probe(path: str, prompts: list[str], cfg: SuiteConfig) -> dict:
@@ -29,10 +58,9 @@ def probe(path: str, prompts: list[str], cfg: SuiteConfig) -> dict:
         for text in group:
             bad, total = measures.misspelled(text)
             bad_words, total_words = bad_words + bad, total_words + total
-            keeps = measures.keeps_names(prompt, text)
-            kept["misspelled" if bad else "clean"].append(keeps)
-            if not keeps:
-                new_names.update(n for n in measures.names(prompt + text) if not re.search(rf"\b{n}\b", prompt))
+            brought_in = measures.new_names(prompt, text)
+            kept["misspelled" if bad else "clean"].append(not brought_in)
+            new_names.update(brought_in)
     every = kept["clean"] + kept["misspelled"]
     return {"names": sum(every) / len(every), "completions": len(every),
             "misspelled_words": bad_words / max(1, total_words),
@@ -49,8 +77,11 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--stories", metavar="DATA_DIR", help="beginnings from this prepared data's val split")
+    ap.add_argument("--beginnings", type=int, default=150, help="with --stories: how many")
+    ap.add_argument("--cut", type=float, default=0.2, help="with --stories: share of each story's words kept")
     args = ap.parse_args()
-    prompts = load_prompts(None)
+    prompts = dev_beginnings(args.stories, args.beginnings, args.cut) if args.stories else load_prompts(None)
     cfg = SuiteConfig(samples=args.samples, seed=args.seed, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     results = {}
     for spec in args.model:
@@ -63,8 +94,9 @@ def main() -> None:
               f"({r['completions_misspelled']}) | misspelled words {r['misspelled_words']:.4f}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"samples": args.samples, "seed": args.seed, "top_p": args.top_p, "models": results}, f, indent=2)
+            json.dump({"samples": args.samples, "seed": args.seed, "top_p": args.top_p, "stories": args.stories,
+                       "beginnings": len(prompts), "models": results}, f, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import run
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
@@ -121,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

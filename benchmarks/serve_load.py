@@ -38,6 +38,7 @@ import httpx
 from openai import APIStatusError, AsyncOpenAI
 
 from storygpt.device import machine_description
+from common import run
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parent.parent
@@ -197,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

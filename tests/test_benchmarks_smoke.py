@@ -73,3 +73,41 @@ def test_names_probe_smoke(tmp_path):
     kept = sum((r[f"names_{k}"] or 0) * r[f"completions_{k}"] for k in ("clean", "misspelled"))
     assert abs(kept / 44 - r["names"]) < 1e-9 and 0 <= r["misspelled_words"] < 1
     assert out.stdout.startswith("shipped: names kept")
+
+
+def test_names_probe_dev_beginnings_and_bad_model_exit_2(tmp_path):
+    """--stories: beginnings from a prepared data's val split, cut at --cut of their words; a bad --model is one
+    line and exit code 2 (benchmarks/common.run), not a traceback."""
+    import json
+
+    from storygpt.data import prepare
+    from storygpt.suite import split_story
+    from storygpt.tokenizer import EOS_TEXT
+
+    stories = [f"Story {i}: " + " ".join(f"Tim saw {i} red birds and a dog." for _ in range(8)) for i in range(12)]
+    stories.insert(3, "Too short to use.")
+    (tmp_path / "s.txt").write_text("".join(f"{s}\n{EOS_TEXT}\n" for s in stories), encoding="utf-8")
+    meta = prepare([tmp_path / "s.txt"], BENCHMARKS.parent / "src/storygpt/default_model", tmp_path / "data",
+                   val_fraction=0.5, seed=3, progress=False)
+    assert meta["splits"]["val"]["stories"] >= 3
+    out = subprocess.run([sys.executable, BENCHMARKS / "names_probe.py", "--model", "shipped=default", "--samples", "2",
+                          "--max-new-tokens", "8", "--stories", tmp_path / "data", "--beginnings", "2", "--cut", "0.25",
+                          "--out", tmp_path / "dev.json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads((tmp_path / "dev.json").read_text())
+    assert r["beginnings"] == 2 and r["models"]["shipped"]["completions"] == 4
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from names_probe import dev_beginnings
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    got = dev_beginnings(str(tmp_path / "data"), 100, 0.25)
+    cut = {split_story(s, 0.25)[0] for s in stories if len(s.split()) >= 60}  # the short story is never used
+    assert set(got) <= cut and len(set(got)) == len(got) >= meta["splits"]["val"]["stories"] - 1
+    assert dev_beginnings(str(tmp_path / "data"), 2, 0.25) == got[:2]
+
+    bad = subprocess.run([sys.executable, BENCHMARKS / "names_probe.py", "--model", f"x={tmp_path / 'nothing'}",
+                          "--samples", "1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("names_probe.py: error: ")

@@ -104,6 +104,9 @@ def test_names_detected_and_renaming_caught():
     assert measures.keeps_names(prompt, " He met a girl named Sue. Sue was kind.")       # introduced: fine
     assert not measures.keeps_names(prompt, " One day, Ted found a tree. Ted was happy.")  # renamed
     assert measures.keeps_names(prompt, " The end.")
+    # the names brought in, in order of first use: introduced ones and the prompt's own are not among them
+    assert measures.new_names(prompt, " Ted met a girl named Sue. Sue, Ted and Max played. Bruno smiled.") == ["Ted", "Max"]
+    assert measures.new_names(prompt, " He met a girl named Sue. Sue was kind.") == []
 
 
 def test_rouge2_precision_and_shared_4grams_by_hand():

@@ -136,10 +136,11 @@ def names(text: str) -> list[str]:
     return sorted(found, key=order.get)
 
 
-def keeps_names(prompt: str, completion: str) -> bool:
-    """True unless the completion brings in a name that no prompt character has and that it does not
-    introduce ("a girl named Sue", "his name was Max"): the story renamed someone (Bruno becomes Ted)."""
+def new_names(prompt: str, completion: str) -> list[str]:
+    """Names the completion brings in that no prompt character has and that it does not introduce
+    ("a girl named Sue", "his name was Max"): each one means the story renamed someone (Bruno becomes Ted)."""
     text = prompt + completion
+    found = []
     for name in names(text):
         if re.search(rf"\b{name}\b", prompt):  # one of the prompt's characters
             continue
@@ -147,5 +148,11 @@ def keeps_names(prompt: str, completion: str) -> bool:
         while first >= 0 and (first > 0 and text[first - 1].isalpha()):
             first = text.find(name, first + 1)
         if first >= 0 and not INTRO.search(text[:first]):
-            return False
-    return True
+            found.append(name)
+    return found
+
+
+def keeps_names(prompt: str, completion: str) -> bool:
+    """True unless the completion brings in a name that no prompt character has and that it does not
+    introduce (see new_names)."""
+    return not new_names(prompt, completion)
