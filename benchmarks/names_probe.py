@@ -32,10 +32,12 @@ from common import run
 
 def dev_beginnings(data_dir: str, n: int, cut: float, min_words: int = 60) -> list[str]:
     """The first `n` stories of at least `min_words` words in the val split of prepared data, cut at `cut`."""
+    if not 0 < cut < 1 or n < 1:
+        raise StoryGPTError(f"--cut must be in (0, 1) and --beginnings >= 1, got {cut} and {n}")
     meta = read_meta(data_dir)
     tok = Tokenizer.load(Path(data_dir) / "tokenizer")
     beginnings: list[str] = []
-    for shard in meta["splits"]["val"]["shards"]:
+    for shard in meta["splits"].get("val", {}).get("shards", []):
         ids = np.fromfile(Path(data_dir) / shard["file"], dtype=meta["dtype"])
         ends = np.flatnonzero(ids == meta["eos_id"])
         for start, end in zip(np.concatenate([[-1], ends[:-1]]) + 1, ends):
