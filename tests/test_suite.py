@@ -14,6 +14,7 @@ from storygpt.minimal_pairs import PHENOMENA
 from storygpt.model import ModelConfig, Transformer
 from storygpt.novelty import TrainingIndex
 from storygpt.scoring import score_continuations, split_tokens
+from storygpt.errors import StoryGPTError
 from storygpt.suite import SuiteConfig, cloze, continuation_items, grammar, load_cloze, load_prompts, run_suite, split_story
 from storygpt.tokenizer import Tokenizer
 
@@ -167,6 +168,14 @@ def test_suite_is_deterministic_and_complete(tiny_run, suite_inputs):
     assert r["cloze"]["items"] == len(load_cloze()) >= 200
     assert r["continuation"]["items"] == 12 and r["grammar"]["items"] == 30
     assert len(r["samples"]) == 2 and 0 <= r["names"] <= 1 and 0 <= r["novelty"]["shared_4grams"] <= 1
+
+
+def test_suite_checks_every_model_path_before_grading_any(tiny_run, suite_inputs, tmp_path):
+    graded = []
+    with pytest.raises(StoryGPTError, match="no such model or run directory"):
+        run_suite([f"tiny={tiny_run}", f"gone={tmp_path / 'gone'}"], small_config(suite_inputs), progress=False,
+                  on_graded=lambda name, result: graded.append(name))
+    assert graded == []
 
 
 def test_novelty_sees_completions_copied_from_training_text(tiny_run, suite_inputs, tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .data import expand_inputs, iter_stories
+from .checkpoint import resolve_model_path, shipped_or
 from .errors import StoryGPTError
 from .generate import StoryModel, load
 from .minimal_pairs import grammar_pairs
@@ -231,13 +232,15 @@ def run_suite(models: list[str], cfg: SuiteConfig | None = None, progress: bool 
     prompts = load_prompts(cfg.prompts)
     items = load_cloze(cfg.cloze)
     heldout = read_stories(cfg.text, "--text") if cfg.text else []
-    loaded = {name: load(path, device=cfg.device, dtype=cfg.dtype) for name, path in named}
+    for _, path in named:  # a bad path fails now, not after the models before it were graded
+        resolve_model_path(shipped_or(path))
     index = None
     if cfg.train:
         with tqdm(total=1, desc="indexing --train", disable=not progress, leave=False):
             index = TrainingIndex(read_stories(cfg.train, "--train"))
     report = {"suite": {**asdict(cfg), "prompts_count": len(prompts), "cloze_items": len(items)}, "models": {}}
-    for name, model in loaded.items():
+    for name, path in named:  # one model in memory at a time
+        model = load(path, device=cfg.device, dtype=cfg.dtype)
         steps = tqdm(total=5, desc=name, disable=not progress)
         result = {"path": model.path, "params": model.model.num_params(), "context": model.context}
         if heldout:
@@ -254,6 +257,7 @@ def run_suite(models: list[str], cfg: SuiteConfig | None = None, progress: bool 
         steps.update()
         steps.close()
         report["models"][name] = result
+        del model
         if on_graded:
             on_graded(name, result)
     return report
