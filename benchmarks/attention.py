@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import alternate, header, median, peak_rss_bytes, reset_peak_rss, run, save, table
+from common import alternate, header, median, peak_rss_bytes, reset_peak_rss, run_main, save, table
 from storygpt.device import DTYPES, cpu_has_native_bf16
 from storygpt.attention import blocked_attention, naive_attention
 
@@ -121,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from claims_report import write_claims
-from common import header, run
+from common import header, run_main
 
 from storygpt.checkpoint import LATEST, checkpoint_weights, load_checkpoint, save_model_dir
 from storygpt.data import expand_inputs, iter_stories, prepare, read_meta
@@ -222,4 +222,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

@@ -87,7 +87,7 @@ def table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) -> str:
     return "\n".join(lines)
 
 
-def run(main: Callable[[], None]) -> None:
+def run_main(main: Callable[[], None]) -> None:
     """Run a benchmark's main(): bad input (a StoryGPTError: a missing model, a bad value) ends as one line
     on stderr and exit code 2, as in the storygpt CLI, not as a traceback."""
     try:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import header, median, run, save, table
+from common import header, median, run_main, save, table
 from storygpt.checkpoint import default_model_path
 from storygpt.data import iter_stories
 from storygpt.tokenizer import EOS_TEXT
@@ -114,5 +114,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     t0 = time.perf_counter()
-    run(main)
+    run_main(main)
     print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import alternate, header, median, run, save, table
+from common import alternate, header, median, run_main, save, table
 
 import storygpt
 from storygpt.data import expand_inputs, iter_stories
@@ -213,4 +213,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import header, run, save
+from common import header, run_main, save
 
 import storygpt
 from storygpt.batching import Done, Finish, Piece
@@ -194,4 +194,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

@@ -27,7 +27,7 @@ from storygpt.generation import sample
 from storygpt.suite import SuiteConfig, load_prompts, split_story
 from storygpt.tokenizer import Tokenizer
 
-from common import run
+from common import run_main
 
 
 def dev_beginnings(data_dir: str, n: int, cut: float, min_words: int = 60) -> list[str]:
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

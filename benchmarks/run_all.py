@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import run
+from common import run_main
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -123,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

@@ -38,7 +38,7 @@ import httpx
 from openai import APIStatusError, AsyncOpenAI
 
 from storygpt.device import machine_description
-from common import run
+from common import run_main
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parent.parent
@@ -198,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import alternate, header, matmul_peak, median, run, save, table
+from common import alternate, header, matmul_peak, median, run_main, save, table
 from storygpt.config import preset as get_preset
 from storygpt.device import DTYPES, autocast, cpu_has_native_bf16
 from storygpt.model import ModelConfig, Transformer
@@ -169,4 +169,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

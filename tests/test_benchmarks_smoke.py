@@ -111,3 +111,12 @@ def test_names_probe_dev_beginnings_and_bad_model_exit_2(tmp_path):
                           "--samples", "1"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("names_probe.py: error: ")
+
+
+def test_every_benchmark_script_starts():
+    """Each script's entry point (common.run_main around its main) runs: --help exits 0 with its usage."""
+    scripts = sorted(p for p in BENCHMARKS.glob("*.py") if "run_main(main)" in p.read_text())
+    assert len(scripts) >= 9
+    for script in scripts:
+        out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.startswith("usage:"), (script.name, out.stderr[-500:])
