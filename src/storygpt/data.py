@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_dir
 from .errors import StoryGPTError
 from .stories import (FIELDS, JSON_SUFFIXES, TEXT_SUFFIXES, check_inputs, expand_inputs,  # noqa: F401 - data's API
-                      iter_stories)
+                      iter_stories, write_stories)
 from .instruct import INSTRUCT_INFO, split_record
 from .tokenizer import EOS_TEXT, Tokenizer
 

@@ -20,11 +20,9 @@ from pathlib import Path
 
 from lemminflect import getAllInflections, getAllLemmas
 
-from .checkpoint import atomic_write
 from .errors import StoryGPTError
 from .instruct import FIELDS, header_prompt, request_prompt
 from .measures import names as story_names
-from .tokenizer import EOS_TEXT
 
 POS = ("NOUN", "VERB", "ADJ")
 # words too plain to be a requirement (the release's words are content words of a children's vocabulary)
@@ -208,7 +206,7 @@ def build(inputs: list[str], out: str, seed: int = 0, request_share: float = 0.5
           field: str | None = None) -> dict:
     """Write OUT: TinyStories-Instruct records (TinyStories .txt format, `<|endoftext|>` lines between
     records) for every story of `inputs`, `copies` records per story (different draws). Returns counts."""
-    from .data import check_inputs, expand_inputs, iter_stories
+    from .data import check_inputs, expand_inputs, iter_stories, write_stories
 
     if not 0.0 <= request_share <= 1.0:
         raise StoryGPTError(f"--request-share must be in [0, 1], got {request_share}")
@@ -230,12 +228,7 @@ def build(inputs: list[str], out: str, seed: int = 0, request_share: float = 0.5
                 counts["records"] += 1
                 yield record
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for record in records():
-                fh.write(f"{record}\n{EOS_TEXT}\n")
-
-    atomic_write(Path(out), write)
+    write_stories(out, records())
     if counts["records"] == 0:
         Path(out).unlink()
         raise StoryGPTError("no story gave an instruction record (too short?)")

@@ -16,13 +16,13 @@ import importlib
 import pkgutil
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
 
 from .errors import StoryGPTError
 from .measures import known_word, names
-from .stories import EOS_TEXT
+from .stories import check_inputs, expand_inputs, iter_stories, write_stories
 
 SIMPLE_NAME = re.compile(r"[A-Z][a-z]{1,11}")
 
@@ -103,19 +103,11 @@ def renamed_stories(stories: Iterator[str], share: float, seed: int, counts: dic
 def build(inputs: list[str], out: str, share: float = 0.5, seed: int = 0, field: str | None = None) -> dict:
     """Write OUT (TinyStories .txt format): every story of `inputs`, a `share` of them with their
     characters renamed. Returns counts (stories, renamed)."""
-    from .data import check_inputs, expand_inputs, iter_stories
-    from .checkpoint import atomic_write
-
     if not 0.0 <= share <= 1.0:
         raise StoryGPTError(f"--share must be in [0, 1], got {share}")
     files = expand_inputs(inputs)
     check_inputs(files, field)
     counts = {"stories": 0, "renamed": 0}
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for story in renamed_stories(iter_stories(files, field), share, seed, counts):
-                fh.write(f"{story}\n{EOS_TEXT}\n")
-
-    atomic_write(out, write)
+    write_stories(out, renamed_stories(iter_stories(files, field), share, seed, counts))
     return counts

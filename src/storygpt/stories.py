@@ -1,5 +1,6 @@
 """Reading stories: TinyStories .txt files (stories separated by `<|endoftext|>` lines) and JSON/JSONL
-files (one object per story, the story in a field), streamed one story at a time.
+files (one object per story, the story in a field), streamed one story at a time; and writing them back
+as TinyStories .txt (`write_stories`, for the commands that turn stories into other stories).
 
 With `instruct=True`, a JSON record of the TinyStories release that carries an `instruction` field
 (`words`, `features`, and a `summary`) is read as a TinyStories-Instruct record (instruct.json_record);
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import StoryGPTError
@@ -64,6 +65,19 @@ def iter_stories(files: list[Path], field: str | None = None, instruct: bool = F
             yield from _json_stories(f, field, instruct)
         else:
             yield from _text_stories(f)
+
+
+def write_stories(path: str | os.PathLike, stories: Iterable[str]) -> None:
+    """Write `stories` to `path` in TinyStories .txt format (each followed by an `<|endoftext|>` line),
+    atomically: a failure part-way leaves `path` as it was."""
+    from .checkpoint import atomic_write  # torch comes with it: reading stories does not need it
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for story in stories:
+                fh.write(f"{story}\n{EOS_TEXT}\n")
+
+    atomic_write(path, write)
 
 
 def _text_stories(path: Path) -> Iterator[str]:
