@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from storygpt import load, measures
-from storygpt.data import read_meta
+from storygpt.data import TokenData
 from storygpt.errors import StoryGPTError
 from storygpt.generation import sample
 from storygpt.suite import SuiteConfig, load_prompts, split_story
@@ -34,12 +34,11 @@ def dev_beginnings(data_dir: str, n: int, cut: float, min_words: int = 60) -> li
     """The first `n` stories of at least `min_words` words in the val split of prepared data, cut at `cut`."""
     if not 0 < cut < 1 or n < 1:
         raise StoryGPTError(f"--cut must be in (0, 1) and --beginnings >= 1, got {cut} and {n}")
-    meta = read_meta(data_dir)
+    val = TokenData(data_dir, "val")  # checks the shards (an empty split or a short file is one line)
     tok = Tokenizer.load(Path(data_dir) / "tokenizer")
     beginnings: list[str] = []
-    for shard in meta["splits"].get("val", {}).get("shards", []):
-        ids = np.fromfile(Path(data_dir) / shard["file"], dtype=meta["dtype"])
-        ends = np.flatnonzero(ids == meta["eos_id"])
+    for ids in val.shards:
+        ends = np.flatnonzero(ids == val.meta["eos_id"])
         for start, end in zip(np.concatenate([[-1], ends[:-1]]) + 1, ends):
             story = tok.decode(ids[start:end].tolist()).strip()
             if len(story.split()) >= min_words:
