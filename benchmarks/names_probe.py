@@ -16,38 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from pathlib import Path
-
-import numpy as np
 
 from storygpt import load, measures
-from storygpt.data import TokenData
-from storygpt.errors import StoryGPTError
 from storygpt.generation import sample
-from storygpt.suite import SuiteConfig, load_prompts, split_story
-from storygpt.tokenizer import Tokenizer
+from storygpt.selfsample import beginnings
+from storygpt.suite import SuiteConfig, load_prompts
 
 from common import run_main
-
-
-def dev_beginnings(data_dir: str, n: int, cut: float, min_words: int = 60) -> list[str]:
-    """The first `n` stories of at least `min_words` words in the val split of prepared data, cut at `cut`."""
-    if not 0 < cut < 1 or n < 1:
-        raise StoryGPTError(f"--cut must be in (0, 1) and --beginnings >= 1, got {cut} and {n}")
-    val = TokenData(data_dir, "val")  # checks the shards (an empty split or a short file is one line)
-    tok = Tokenizer.load(Path(data_dir) / "tokenizer")
-    beginnings: list[str] = []
-    for ids in val.shards:
-        ends = np.flatnonzero(ids == val.meta["eos_id"])
-        for start, end in zip(np.concatenate([[-1], ends[:-1]]) + 1, ends):
-            story = tok.decode(ids[start:end].tolist()).strip()
-            if len(story.split()) >= min_words:
-                beginnings.append(split_story(story, cut)[0])
-                if len(beginnings) == n:
-                    return beginnings
-    if not beginnings:
-        raise StoryGPTError(f"{data_dir}: no val story of {min_words} words or more")
-    return beginnings
 
 
 def probe(path: str, prompts: list[str], cfg: SuiteConfig) -> dict:
@@ -82,7 +57,7 @@ def main() -> None:
     ap.add_argument("--beginnings", type=int, default=150, help="with --stories: how many")
     ap.add_argument("--cut", type=float, default=0.2, help="with --stories: share of each story's words kept")
     args = ap.parse_args()
-    prompts = dev_beginnings(args.stories, args.beginnings, args.cut) if args.stories else load_prompts(None)
+    prompts = beginnings(args.stories, "val", args.beginnings, args.cut) if args.stories else load_prompts(None)
     cfg = SuiteConfig(samples=args.samples, seed=args.seed, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     results = {}
     for spec in args.model:

@@ -52,6 +52,19 @@ def cmd_data_rename(args) -> None:
     print(f"{counts['renamed']:,} of {counts['stories']:,} stories renamed -> {args.out}")
 
 
+def cmd_data_sample(args) -> None:
+    from .generate import load
+    from .selfsample import build
+
+    counts = build(load(args.model, dtype="fp32"), args.data, args.out, prompts=args.prompts, samples=args.samples,
+                   keep=args.keep, cut=args.cut, split=args.split, seed=args.seed, slots=args.slots,
+                   progress=not args.quiet, temperature=args.temperature, top_p=args.top_p,
+                   max_new_tokens=args.max_new_tokens)
+    failed = ", ".join(f"{n:,} {check}" for check, n in counts["failed"].items())
+    print(f"{counts['passed']:,} of {counts['completions']:,} completions passed (failed first: {failed}); "
+          f"{counts['kept']:,} stories from {counts['prompts']:,} beginnings -> {args.out}")
+
+
 def cmd_data_download(args) -> None:
     from .download import describe, download_tinystories
 
