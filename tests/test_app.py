@@ -211,3 +211,12 @@ def test_quality_table_shows_the_recorded_figures_next_to_the_previous_model(tmp
     assert list(table["measure"]) == list(rows) and list(table["v1 (256 tokens)"])[0] == 0.96
     with pytest.raises(storygpt.StoryGPTError, match="records no figures"):
         record_previous(old, tiny_run / "model", "x")
+
+    newer = tmp_path / "newer"  # replacing `new` keeps what `new` had replaced: three columns
+    shutil.copytree(tiny_run / "model", newer)
+    record_suite(newer, {"bits_per_byte": 0.84, "names": 0.65}, {"n": 10})
+    record_previous(newer, new, "v2")
+    rows = {r["measure"]: r for r in quality_rows(storygpt.load(newer).facts())}
+    assert rows["held-out bits/byte"] == {"measure": "held-out bits/byte", "this model": 0.84, "v2": 0.851,
+                                         "v1 (256 tokens)": 0.96, "better": "lower"}
+    assert rows["names kept"]["v2"] == 0.6 and rows["cloze (consistency items)"]["this model"] is None

@@ -2,8 +2,9 @@
 
 `storygpt eval --text FILE --record` keeps bits per byte in config.json (storygpt.evals[FILE]) and
 `storygpt eval --suite stories --record` keeps the story-quality suite's measures (storygpt.suite);
-`record_previous` keeps the figures of the model a new one replaces (storygpt.previous), so that the web
-app can show both side by side. `quality_rows` turns these records into rows.
+`record_previous` keeps the figures of the model a new one replaces (storygpt.previous: a list, the model
+it replaced first, then the ones that one had replaced), so that the web app can show them side by side.
+`quality_rows` turns these records into rows.
 """
 
 from __future__ import annotations
@@ -46,20 +47,25 @@ def measures_of(info: dict) -> dict[str, float]:
     return out
 
 
+def previous_models(info: dict) -> list[dict]:
+    """The replaced models a model records, newest first (a single dict in older model directories)."""
+    previous = info.get("previous") or []
+    return [previous] if isinstance(previous, dict) else list(previous)
+
+
 def quality_rows(info: dict) -> list[dict]:
-    """One row per measure this model or the one it replaced records: {"measure", "this model", and the
-    previous model's name: its value, "better": "lower"/"higher"}; values rounded to 3 decimals, None
+    """One row per measure this model or a model it replaced records: {"measure", "this model", each
+    replaced model's name: its value, "better": "lower"/"higher"}; values rounded to 3 decimals, None
     where a model lacks the measure."""
     mine = measures_of(info)
-    previous = info.get("previous") or {}
-    theirs = measures_of(previous)
+    theirs = [(p.get("name", "previous model"), measures_of(p)) for p in previous_models(info)]
     rows = []
     for label, _, better in MEASURES:
-        if label not in mine and label not in theirs:
+        if label not in mine and not any(label in m for _, m in theirs):
             continue
         row = {"measure": label, "this model": _round(mine.get(label))}
-        if previous:
-            row[previous.get("name", "previous model")] = _round(theirs.get(label))
+        for name, measures in theirs:
+            row[name] = _round(measures.get(label))
         rows.append(row | {"better": better})
     return rows
 
@@ -70,10 +76,12 @@ def _round(x: float | None) -> float | None:
 
 def record_previous(model_dir: str | os.PathLike, old_dir: str | os.PathLike, name: str) -> None:
     """Keep the recorded figures (evals, suite) of `old_dir`, the model `model_dir` replaces, in
-    `model_dir`'s config.json as storygpt.previous, named `name`."""
+    `model_dir`'s config.json as the first of storygpt.previous, named `name`, followed by the models
+    `old_dir` itself had replaced."""
     old_info = read_model_info(old_dir)
     previous = {"name": name, **{k: old_info[k] for k in ("evals", "suite") if k in old_info}}
     if len(previous) == 1:
         raise StoryGPTError(f"{old_dir}: records no figures (eval --record, eval --suite stories --record)")
     previous["suite"] = {"measures": previous.get("suite", {}).get("measures", {})}
-    edit_model_info(model_dir, lambda info: info.update(previous=previous))
+    chain = [previous] + [p for p in previous_models(old_info) if p.get("name") != name]
+    edit_model_info(model_dir, lambda info: info.update(previous=chain))
