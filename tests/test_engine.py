@@ -26,7 +26,9 @@ from storygpt.serve import Engine, QueueFull, TooManyStories, create_app
 @pytest.mark.parametrize(("arch", "n_kv_heads"), [("llama", None), ("llama", 2), ("gpt2", None)])
 def test_decode_rows_equals_each_sequence_alone(arch, n_kv_heads):
     """Sequences of different lengths in scattered cache rows: one batched step gives each the logits of a full
-    forward pass over that sequence alone; gathered rows (a tensor) and rows in place (a slice) agree exactly."""
+    forward pass over that sequence alone; gathered rows (a tensor) and rows in place (a slice) agree to the last
+    bits (the slice attends over the whole masked cache, a longer reduction: AVX-512 kernels may round it
+    differently, by 3e-8 here)."""
     torch.manual_seed(0)
     cfg = ModelConfig(arch=arch, vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, max_seq_len=32)
     net = Transformer(cfg).eval()
@@ -43,7 +45,7 @@ def test_decode_rows_equals_each_sequence_alone(arch, n_kv_heads):
         in_place = net.decode_rows(idx, slice(0, 3), pos, together)  # the whole cache, masked
         for b, s in enumerate(seqs):
             torch.testing.assert_close(got[b], net(s)[0][0], atol=1e-5, rtol=1e-5)
-        assert torch.equal(in_place, got)
+        torch.testing.assert_close(in_place, got, atol=1e-6, rtol=0)
         # the keys and values went to each row's own position, nowhere else
         assert scattered.k[0][1].abs().sum() == 0 and scattered.k[0][2].abs().sum() == 0
         assert scattered.k[0][3, :, 5:].abs().sum() == 0 and scattered.k[0][3, :, 4].abs().sum() > 0

@@ -200,8 +200,9 @@ def test_instruct_not_installed(not_installed, capsys):
 # Command line
 # --------------------------------------------------------------------------------------------
 def test_cli_generate_with_instructions(instruct_dir, instruct, capsys):
-    args = ["generate", "--model", instruct_dir, "--temperature", 0, "--max-new-tokens", 16, "--words", "dog,ball",
-            "--features", "bad ending, Dialogue", "--sentence", SENTENCE]
+    # fp32 as the fixture: "auto" is bf16 on CPUs with native bf16, and a random model's greedy ties break otherwise
+    args = ["generate", "--model", instruct_dir, "--dtype", "fp32", "--temperature", 0, "--max-new-tokens", 16,
+            "--words", "dog,ball", "--features", "bad ending, Dialogue", "--sentence", SENTENCE]
     story = instruct.generate(words="dog,ball", features="BadEnding,Dialogue", sentence=SENTENCE, **GREEDY)
     code, out, err = run_cli(args, capsys)
     assert code == 0 and out == story + "\n", err
@@ -216,8 +217,8 @@ def test_cli_generate_with_instructions(instruct_dir, instruct, capsys):
         "Once", words="dog,ball", features="BadEnding,Dialogue", sentence=SENTENCE, **GREEDY)]
     assert result["instruction"] == header_prompt(words="dog,ball", sentence=SENTENCE,
                                                   features="BadEnding,Dialogue") + " Once"
-    code, out, _ = run_cli(["generate", "--model", instruct_dir, "--temperature", 0, "--max-new-tokens", 16,
-                            "--request", "Write a story about a cat."], capsys)
+    code, out, _ = run_cli(["generate", "--model", instruct_dir, "--dtype", "fp32", "--temperature", 0,
+                            "--max-new-tokens", 16, "--request", "Write a story about a cat."], capsys)
     assert code == 0 and out == instruct.request("Write a story about a cat.", **GREEDY) + "\n"
 
 
@@ -333,6 +334,7 @@ APP = str(Path(app_module.__file__))
 
 def test_app_instruct_inputs(instruct_dir, instruct, monkeypatch):
     monkeypatch.setenv(MODELS_ENV, json.dumps([str(instruct_dir)]))
+    monkeypatch.setenv(app_module.DTYPE_ENV, "fp32")  # as the fixture (auto is bf16 where the CPU has it)
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception
     assert at.multiselect(key="features").options == ["Dialogue", "BadEnding", "MoralValue", "Twist", "Foreshadowing",
