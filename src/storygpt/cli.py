@@ -18,6 +18,14 @@ class _Parser(argparse.ArgumentParser):
         raise StoryGPTError(f"{self.prog}: {message}")
 
 
+def suite_sampling(parser) -> None:
+    """--temperature, --top-p, --max-new-tokens with the story-quality suite's defaults (the paper's sampling):
+    `eval --suite` and `data sample`, which samples as the suite does."""
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="storygpt", description="Train, evaluate and talk to small story-telling language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -67,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--samples", type=int, default=8, help="completions sampled per beginning")
     ds.add_argument("--keep", type=int, default=1, help="at most this many passing completions per beginning")
     ds.add_argument("--cut", type=float, default=0.2, help="share of each story's words in its beginning")
-    ds.add_argument("--temperature", type=float, default=1.0)
-    ds.add_argument("--top-p", type=float, default=1.0)
-    ds.add_argument("--max-new-tokens", type=int, default=256)
+    suite_sampling(ds)
     ds.add_argument("--slots", type=int, default=64, help="rows of the KV cache decoded together")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--quiet", action="store_true")
@@ -158,9 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cloze", help="cloze items, one JSON object a line (default: the package's)")
     q.add_argument("--prompts", help="YAML list of story beginnings (default: the paper's, shipped with the package)")
     q.add_argument("--samples", type=int, default=10, help="completions per story beginning")
-    q.add_argument("--temperature", type=float, default=1.0)
-    q.add_argument("--top-p", type=float, default=1.0)
-    q.add_argument("--max-new-tokens", type=int, default=256)
+    suite_sampling(q)
     q.add_argument("--grammar-pairs", type=int, default=100, help="minimal pairs per grammar phenomenon")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--quiet", action="store_true", help="no progress bars")

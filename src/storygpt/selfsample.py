@@ -66,11 +66,10 @@ def failed_check(prompt: str, completion: str, ended: bool) -> str | None:
         return "ended"
     if measures.new_names(prompt, completion):
         return "names"
-    if measures.misspelled(completion)[0]:
-        prompt_words = {w.removesuffix("'s") for w in measures.words(prompt)}
-        fresh = " ".join(w for w in measures.words(completion) if w.removesuffix("'s") not in prompt_words)
-        if measures.misspelled(fresh)[0]:
-            return "spelling"
+    prompt_words = {w.removesuffix("'s") for w in measures.words(prompt)}
+    fresh = [w for w in measures.words(completion) if w.removesuffix("'s") not in prompt_words]  # the prompt's may be names
+    if measures.misspelled(" ".join(fresh))[0]:
+        return "spelling"
     if measures.loops(completion):
         return "loops"
     return None
