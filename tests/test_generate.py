@@ -157,6 +157,15 @@ def test_cli_generate(tiny_run, capsys):
     assert code == 0 and len(result["stories"]) == 2 and result["stats"]["new_tokens"] > 0
 
 
+def test_cli_generate_into_a_closed_pipe_stops_quietly(tiny_run):
+    """`storygpt generate | head -1` where the reader has left: no traceback, exit code 141 (as shell tools)."""
+    proc = subprocess.Popen([sys.executable, "-m", "storygpt", "generate", "Once", "--model", str(tiny_run),
+                             "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the story's first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "0"], "top_p"),

@@ -7,6 +7,7 @@ Every user error (StoryGPTError) becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import commands
@@ -278,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("storygpt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`storygpt generate | head -1`): stop quietly, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush of stdout fails no more
+        return 141
     return 0
 
 
