@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model (or resume a run)")
     tr.add_argument("--data", help="prepared data directory (default on --resume: the run's)")
     tr.add_argument("--out", help="run directory")
-    tr.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
+    tr.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint; with another --out, "
+                    "branch: OUT starts from RUN's latest checkpoint (or a checkpoint file given as RUN), RUN is left "
+                    "as it was (e.g. a WSD cooldown: --set max_steps=N)")
+    tr.add_argument("--teacher", action="append", default=None, metavar="DIR",
+                    help="distil from this model (repeatable; same tokenizer): train.distill_alpha and "
+                         "train.distill_temperature set the loss")
     tr.add_argument("--preset", default="small", help="tiny | small | 15m | 33m | 110m")
     tr.add_argument("--config", help="TOML file with [model] and [train] tables")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

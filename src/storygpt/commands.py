@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import StoryGPTError
 
@@ -78,13 +79,13 @@ def cmd_train(args) -> None:
 
     if args.resume is None and args.out is None:
         raise StoryGPTError("train: give --out RUN (or --resume RUN)")
-    if args.resume is not None and args.out is not None and args.out != args.resume:
-        raise StoryGPTError("train: --out and --resume name different runs")
+    branch = args.resume is not None and args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve()
     overrides = args.set + ([f"train.strategy={args.strategy}"] if args.strategy else [])
-    summary = train(args.data, args.resume or args.out, preset=args.preset, config_file=args.config,
-                    overrides=overrides, resume=args.resume is not None, max_steps=args.max_steps,
+    summary = train(args.data, args.out or args.resume, preset=args.preset, config_file=args.config,
+                    overrides=overrides, resume=args.resume is not None and not branch, max_steps=args.max_steps,
                     max_time=args.max_time, compile=args.compile,
-                    dtype="fp32" if args.fp32 else None, progress=not args.quiet)
+                    dtype="fp32" if args.fp32 else None, progress=not args.quiet, teachers=args.teacher,
+                    branch_from=args.resume if branch else None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns; one prints
         print(json.dumps(summary, indent=2))
 

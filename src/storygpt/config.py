@@ -25,11 +25,17 @@ class TrainConfig:
     batch_size: int = 32            # sequences per micro-batch, per process (global batch: x grad_accum x ranks)
     seq_len: int = 256              # tokens per sequence (<= model.max_seq_len)
     grad_accum_steps: int = 1       # micro-batches per optimizer step
-    max_steps: int = 5000           # optimizer steps; the cosine schedule ends here
+    max_steps: int = 5000           # optimizer steps; the schedule ends here
     max_time: float = 0.0           # minutes of training; 0 = no limit. When set, the schedule ends at it
     lr: float = 2e-3                # peak learning rate
-    min_lr: float = 2e-4            # floor of the cosine decay
+    min_lr: float = 2e-4            # where the schedule ends
     warmup_steps: int = 100
+    schedule: str = "cosine"        # cosine: warmup, cosine to min_lr | wsd: warmup, constant, (1 - sqrt) cooldown
+    cooldown: float = 0.2           # wsd: the share of the run (steps, or time with max_time) the cooldown takes
+    sampling: str = "random"        # random: windows anywhere | epochs: each story once per epoch, fresh order each
+    ema_decay: float = 0.0          # an EMA of the weights (e.g. 0.999), evaluated beside them; 0 = off
+    distill_alpha: float = 0.5      # with teachers: loss = (1 - alpha) CE + alpha T^2 KL(teachers || student)
+    distill_temperature: float = 1.0
     weight_decay: float = 0.1       # on matrices only; norms, biases and other 1-D params get none
     beta1: float = 0.9
     beta2: float = 0.95
@@ -60,6 +66,17 @@ class TrainConfig:
             raise StoryGPTError(f"train.dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if self.strategy not in ("ddp", "fsdp"):
             raise StoryGPTError(f"train.strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise StoryGPTError(f"train.schedule must be cosine or wsd, got {self.schedule!r}")
+        if not 0 < self.cooldown <= 1:
+            raise StoryGPTError(f"train.cooldown must be in (0, 1], got {self.cooldown}")
+        if self.sampling not in ("random", "epochs"):
+            raise StoryGPTError(f"train.sampling must be random or epochs, got {self.sampling!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise StoryGPTError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            raise StoryGPTError("need 0 <= train.distill_alpha <= 1 and train.distill_temperature > 0, got "
+                                f"{self.distill_alpha} and {self.distill_temperature}")
 
 
 # Training defaults per preset (the model shape comes from model.PRESETS).

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from lemminflect import getAllInflections, getAllLemmas
 
 from .errors import StoryGPTError
 from .instruct import FIELDS, header_prompt, request_prompt
@@ -55,6 +54,8 @@ def sentences(story: str) -> list[str]:
 def content_words(story: str) -> dict[str, list[str]]:
     """{part of speech: lemmas} of the story's words whose part of speech lemminflect can tell
     (one of NOUN, VERB, ADJ and no other), without names and plain words; in order of appearance."""
+    from lemminflect import getAllLemmas  # imported when used: `import storygpt` stays light
+
     names = {n.lower() for n in story_names(story)}  # the suite's detector of characters' names
     out: dict[str, list[str]] = {p: [] for p in POS}
     seen = set()
@@ -94,6 +95,8 @@ def _tell_pos(lemmas: dict, before: str) -> str | None:
 @lru_cache(maxsize=4096)
 def inflections(word: str) -> frozenset[str]:
     """The word and its regular and irregular forms (jump: jumps, jumped, jumping), lower case."""
+    from lemminflect import getAllInflections, getAllLemmas
+
     w = word.lower()
     forms = {w}
     for lemma_forms in getAllLemmas(w).values():

@@ -23,13 +23,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
 from . import distributed
 from .averaging import keep_snapshot
 from .checkpoint import BEST, LATEST, load_checkpoint
 from .config import RunConfig
 from .data import TokenData, instruction_pairs
 from .device import autocast, maybe_compile
+from .distill import distill_loss, load_teachers, teacher_probs
 from .distributed import Dist
+from .epochs import StoryEpochs
 from .errors import StoryGPTError
 from .runlog import RunLog, plot_losses
 from .runstate import Job, LoopState, restore, save, warn, write_run_dir
@@ -41,9 +45,15 @@ from .validation import counted, evaluate_batches, evaluate_rows, instruction_ga
 # Schedule and optimizer
 # --------------------------------------------------------------------------------------------
 def lr_at(step: int, progress: float, cfg) -> float:
-    """Linear warmup over `warmup_steps`, then cosine from lr to min_lr as progress goes 0 -> 1."""
+    """Linear warmup over `warmup_steps`, then, as progress goes 0 -> 1: cosine from lr to min_lr
+    (`schedule = "cosine"`), or lr held constant until the last `cooldown` share of the run and then a
+    (1 - sqrt) cooldown to min_lr (`schedule = "wsd"`, Hägele et al. 2024: a WSD run can be extended, and a
+    cooldown can branch from any checkpoint of its constant phase)."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     p = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "wsd":
+        into_cooldown = max(0.0, p - (1.0 - cfg.cooldown)) / cfg.cooldown
+        return warm * (cfg.min_lr + (1.0 - math.sqrt(into_cooldown)) * (cfg.lr - cfg.min_lr))
     return warm * (cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (cfg.lr - cfg.min_lr))
 
 
@@ -75,14 +85,19 @@ def open_data(data, tc, d: Dist) -> tuple[TokenData, TokenData, list]:
 # --------------------------------------------------------------------------------------------
 def start(run: Path, cfg: RunConfig, data, tokenizer: Tokenizer, build: Callable[[], torch.nn.Module],
           ckpt: dict | None, device: torch.device, amp: str, d: Dist, config_extra: dict | None = None,
-          ckpt_extra: dict | None = None) -> tuple[Job, LoopState]:
+          ckpt_extra: dict | None = None, teachers: list[str] | None = None) -> tuple[Job, LoopState]:
     """Open the data, write the run directory (config.json with `config_extra`, tokenizer), build the model
-    (`build()`: on `device`, under the run's seed), wrap it for DDP/FSDP, make its optimizer, and restore
-    `ckpt` when resuming. `ckpt_extra` goes into every checkpoint. Every rank calls this."""
+    (`build()`: on `device`, under the run's seed), wrap it for DDP/FSDP, make its optimizer, load the
+    `teachers` to distil from, and restore `ckpt` when resuming. `ckpt_extra` goes into every checkpoint.
+    Every rank calls this."""
     tc = cfg.train
     if device.type == "cuda":  # TF32 for what autocast leaves in fp32
         torch.set_float32_matmul_precision("high")
+    if tc.ema_decay and tc.strategy == "fsdp" and d.active:
+        raise StoryGPTError("train.ema_decay needs whole weights on every rank: use strategy=ddp")
     train_data, val_data, val_batches = open_data(data, tc, d)
+    epochs = StoryEpochs(train_data, tc.seq_len, tc.seed) if tc.sampling == "epochs" else None
+    teacher_models = load_teachers(teachers or [], tokenizer.checksum, cfg.model.vocab_size, device)
     write_run_dir(run, cfg, data, tokenizer, d, config_extra)  # once all the input checks have passed
     torch.manual_seed(tc.seed)
     model = build()
@@ -92,7 +107,9 @@ def start(run: Path, cfg: RunConfig, data, tokenizer: Tokenizer, build: Callable
     optimizer = make_optimizer(model, tc, device)
     job = Job(run, cfg, model, trained, optimizer, train_data, val_batches,
               val_data.tokens / max(val_data.bytes, 1) / math.log(2), device, amp, d, ckpt is not None,
-              ckpt_extra or {})
+              ckpt_extra or {}, epochs=epochs, teachers=teacher_models)
+    if tc.ema_decay:  # a copy of the weights, lerped toward them after every step
+        job.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=False)
     if val_data.starts is not None:
         pairs = instruction_pairs(val_data, tc.seq_len)
         job.instruction_pairs = pairs if pairs[0] else None
@@ -111,22 +128,33 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def evaluate(job: Job, state: LoopState, log: Callable[[dict], None]) -> float:
-    """Validation loss, logged; a new best is checkpointed to RUN/ckpt_best.pt."""
+def validation_loss(job: Job, model: torch.nn.Module) -> float:
     d = job.d
     if not d.active:
-        val_loss = evaluate_batches(job.model, job.val_batches, job.device, job.amp)  # eager: no recompile for eval
-    else:  # one decision on BEST for all ranks
-        val_loss = d.broadcast(evaluate_rows(job.model, job.val_batches, job.device, job.amp, d))
+        return evaluate_batches(model, job.val_batches, job.device, job.amp)  # eager: no recompile for eval
+    return d.broadcast(evaluate_rows(model, job.val_batches, job.device, job.amp, d))  # one decision for all ranks
+
+
+def evaluate(job: Job, state: LoopState, log: Callable[[dict], None]) -> float:
+    """Validation loss (and the EMA's, when kept), logged; a new best of either is checkpointed to
+    RUN/ckpt_best.pt, with the weights that made it."""
+    val_loss = validation_loss(job, job.model)
     record = {"step": state.step, "tokens": state.tokens, "time": round(state.train_time, 2), "val_loss": val_loss,
               "val_bpb": val_loss * job.bpb_scale}
+    ema_loss = math.inf
+    if job.ema is not None:
+        ema_loss = validation_loss(job, job.ema.module)
+        record |= {"ema_val_loss": ema_loss, "ema_val_bpb": ema_loss * job.bpb_scale}
+    if job.epochs is not None:
+        record["epoch"] = round(job.epochs.epoch(state.step * job.cfg.train.grad_accum_steps,
+                                                 job.cfg.train.batch_size), 4)
     if job.instruction_pairs:  # instruction data: how much the model reads its instructions (log.jsonl)
         record["instruction_gain"] = instruction_gain(job.model, *job.instruction_pairs, job.device, job.amp)
     log(record)
     state.last_eval_step = state.step
-    if val_loss < state.best_val:
-        state.best_val = val_loss
-        save(job, state, BEST)
+    if min(val_loss, ema_loss) < state.best_val:
+        state.best_val = min(val_loss, ema_loss)
+        save(job, state, BEST, use_ema=ema_loss < val_loss)
     return val_loss
 
 
@@ -134,6 +162,7 @@ def micro_step(job: Job, fwd, x: torch.Tensor, y: torch.Tensor, n: int, may_fall
     """Forward and backward of one micro-batch (its loss / grad_accum_steps); returns (its mean loss over the
     `n` targets that count, or None when none does, and the forward to go on with). A micro-batch with no
     target to count (instructions alone) backpropagates zeros: every rank runs every backward."""
+    tc = job.cfg.train
     try:
         with autocast(job.device, job.amp):
             logits, loss = fwd(x, y)
@@ -147,7 +176,12 @@ def micro_step(job: Job, fwd, x: torch.Tensor, y: torch.Tensor, n: int, may_fall
     if not n:
         (logits.float().sum() * 0.0).backward()
         return None, fwd
-    (loss / job.cfg.train.grad_accum_steps).backward()
+    objective = loss
+    if job.teachers:  # the loss logged stays the cross-entropy, comparable with runs without teachers
+        with autocast(job.device, job.amp):
+            probs = teacher_probs(job.teachers, x, y, tc.distill_temperature)
+        objective = distill_loss(loss, logits, probs, y, tc.distill_alpha, tc.distill_temperature)
+    (objective / tc.grad_accum_steps).backward()
     return loss.detach(), fwd
 
 
@@ -159,7 +193,7 @@ def optimizer_step(job: Job, state: LoopState, fwd, lr: float, may_fall_back: bo
         group["lr"] = lr
     sums = torch.zeros(2, device=job.device)
     for micro in range(tc.grad_accum_steps):
-        x, y = job.train_data.batch(state.step * tc.grad_accum_steps + micro, tc.batch_size, tc.seq_len, tc.seed)
+        x, y = job.batch(state.step * tc.grad_accum_steps + micro)
         n = counted(y)
         x, y = to_device(x, job.device), to_device(y, job.device)
         with distributed.grad_sync(job.trained, micro == tc.grad_accum_steps - 1):
@@ -171,6 +205,8 @@ def optimizer_step(job: Job, state: LoopState, fwd, lr: float, may_fall_back: bo
         torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
     job.optimizer.step()
     job.optimizer.zero_grad(set_to_none=True)
+    if job.ema is not None:
+        job.ema.update_parameters(job.model)
     return sums, fwd
 
 
@@ -297,8 +333,11 @@ def _log_step(job: Job, state: LoopState, session: Session, sums: torch.Tensor, 
     loss = loss_sum / micro_batches if micro_batches else float("nan")
     now = time.perf_counter()
     tps = session.window_tokens / (now - session.window_start)
-    log({"step": state.step, "tokens": state.tokens, "time": round(session.now(), 2), "lr": lr, "loss": loss,
-         "tok_per_s": round(tps, 1)})
+    record = {"step": state.step, "tokens": state.tokens, "time": round(session.now(), 2), "lr": lr, "loss": loss,
+              "tok_per_s": round(tps, 1)}
+    if job.epochs is not None:
+        record["epoch"] = round(job.epochs.epoch(state.step * tc.grad_accum_steps, tc.batch_size), 4)
+    log(record)
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
     if tc.max_time:  # a time-boxed run ends before max_steps: keep the ETA honest
         bar.total = min(tc.max_steps, round(state.step / max(progress_of(tc, state.step, session.now()), 1e-9)))
@@ -327,6 +366,15 @@ def summary_of(job: Job, state: LoopState, params: int) -> dict:
                "train_time_s": round(state.train_time, 1), "tok_per_s": state.tok_per_s,
                "best_val_loss": state.best_val, "best_val_bpb": state.best_val * job.bpb_scale, "params": params,
                "device": job.device.type, "dtype": job.amp}
+    flops = getattr(job.model, "flops_per_token", None)
+    if flops is not None:  # training FLOPs per second, the teachers' forwards included (MFU = this / the peak)
+        per_token = flops(job.cfg.train.seq_len) + sum(t.flops_per_token(job.cfg.train.seq_len) / 3 for t in job.teachers)
+        summary["model_flops_per_s"] = round(state.tok_per_s * per_token)
+    if job.epochs is not None:
+        summary["epochs"] = round(job.epochs.epoch(state.step * job.cfg.train.grad_accum_steps,
+                                                   job.cfg.train.batch_size), 3)
+    if job.teachers:
+        summary["teachers"] = len(job.teachers)
     if job.d.world_size > 1:
         summary |= {"world_size": job.d.world_size, "strategy": job.cfg.train.strategy}
     return summary

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,16 @@ class Job:
     resumed: bool = False
     extra: dict = field(default_factory=dict)  # more keys for every checkpoint (e.g. a fine-tune's base and LoRA)
     instruction_pairs: tuple | None = None  # instruction data: (own, other) batches for the instruction gain
+    epochs: object | None = None      # train.sampling=epochs: the StoryEpochs sampler; else TokenData.batch
+    teachers: list = field(default_factory=list)  # distillation: frozen teacher models
+    ema: torch.nn.Module | None = None  # train.ema_decay: an AveragedModel holding the EMA of the weights
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `index` (optimizer step x grad_accum_steps + micro-step) of this rank."""
+        tc = self.cfg.train
+        if self.epochs is not None:
+            return self.epochs.batch(index, tc.batch_size)
+        return self.train_data.batch(index, tc.batch_size, tc.seq_len, tc.seed)
 
     @property
     def fsdp(self) -> bool:
@@ -120,8 +131,9 @@ def restore_rng(ckpt: dict, d: Dist, seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-def save(job: Job, state: LoopState, name: str) -> None:
-    """RUN/name: weights, optimizer, state, RNG states (each rank's), config; sharded under FSDP."""
+def save(job: Job, state: LoopState, name: str, use_ema: bool = False) -> None:
+    """RUN/name: weights (with `use_ema`, the EMA's in their place), optimizer, state, RNG states (each
+    rank's), config, the EMA; sharded under FSDP."""
     tc, d = job.cfg.train, job.d
     rng = rng_state()
     meta = {"scheduler": {"step": state.step, "train_time": state.train_time},  # lr = lr_at(step, progress)
@@ -129,14 +141,16 @@ def save(job: Job, state: LoopState, name: str) -> None:
             "best_val_loss": state.best_val, "rng": rng,
             "data_position": {"micro_step": state.step * tc.grad_accum_steps, "seed": tc.seed},
             "config": job.cfg.to_dict(), **job.extra}
+    if job.ema is not None:
+        meta |= {"ema": job.ema.state_dict(), "weights": "ema" if use_ema else "model"}
     rng_ranks = d.gather(rng)  # each rank's dropout stream, for an exact resume on as many ranks
     if rng_ranks is not None:
         meta |= {"rng_ranks": rng_ranks, "world_size": d.world_size}
     if job.fsdp:
         distributed.save_sharded_checkpoint(job.run / name, job.model, job.optimizer, meta, d)
     elif d.is_main:
-        save_checkpoint(job.run / name, {"model": job.model.state_dict(), "optimizer": job.optimizer.state_dict(),
-                                         **meta})
+        weights = job.ema.module.state_dict() if use_ema else job.model.state_dict()
+        save_checkpoint(job.run / name, {"model": weights, "optimizer": job.optimizer.state_dict(), **meta})
 
 
 def restore(job: Job, ckpt: dict) -> LoopState:
@@ -153,6 +167,10 @@ def restore(job: Job, ckpt: dict) -> LoopState:
     else:
         job.model.load_state_dict(ckpt["model"])
         job.optimizer.load_state_dict(ckpt["optimizer"])
+    if job.ema is not None:
+        if "ema" not in ckpt:
+            raise StoryGPTError(f"{path}: the run has no EMA of its weights to go on from; resume with ema_decay=0")
+        job.ema.load_state_dict(ckpt["ema"])
     restore_rng(ckpt, d, tc.seed)
     saved = ckpt["config"]["train"]
     before = saved["batch_size"] * saved["grad_accum_steps"] * ckpt.get("world_size", 1)
@@ -182,6 +200,28 @@ def load_run(run: Path, overrides: list[str]) -> tuple[dict, RunConfig, dict, To
                           overrides)
     cfg.train.validate()
     return saved, cfg, load_checkpoint(run / LATEST), Tokenizer.load(run / "tokenizer")
+
+
+def branch_run(source: Path, run: Path) -> None:
+    """Start run folder `run` as a copy of `source` at its latest checkpoint (source: a run folder, or a
+    checkpoint file in one): its config, tokenizer, log up to that step and that checkpoint, with no best
+    yet (the branch's own evaluations choose its model). The source run is left as it was, resumable; a
+    WSD cooldown branches this way with `--set max_steps=...`."""
+    ckpt_path = source if source.is_file() else source / LATEST
+    src_run = ckpt_path.parent
+    if not (src_run / "config.json").is_file():
+        raise StoryGPTError(f"{src_run}: not a run folder (no config.json)")
+    ckpt = load_checkpoint(ckpt_path)
+    if "dcp" in ckpt:
+        raise StoryGPTError(f"{ckpt_path}: a sharded (FSDP) checkpoint cannot be branched; resume it in place")
+    check_new_run(run)
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src_run / "config.json", run / "config.json")
+    shutil.copytree(src_run / "tokenizer", run / "tokenizer", dirs_exist_ok=True)
+    for name in ("log.jsonl", "log.csv"):  # RunLog drops what was logged after the checkpoint's step
+        if (src_run / name).is_file():
+            shutil.copy2(src_run / name, run / name)
+    save_checkpoint(run / LATEST, ckpt | {"best_val_loss": math.inf, "branched_from": str(ckpt_path.resolve())})
 
 
 def check_fit(cfg: RunConfig, meta: dict) -> None:

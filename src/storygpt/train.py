@@ -23,17 +23,23 @@ from .errors import StoryGPTError
 from .loop import lr_at, make_optimizer  # noqa: F401 - storygpt.train's API (tests, benchmarks)
 from .model import Transformer
 from .runlog import plot_losses, read_log  # noqa: F401 - storygpt.train's API
-from .runstate import check_fit, check_new_run, load_run
+from .distill import teacher_paths
+from .runstate import branch_run, check_fit, check_new_run, load_run
 from .tokenizer import Tokenizer
 
 
 def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = "small",
           config_file: str | None = None, overrides: list[str] | None = None, resume: bool = False,
           max_steps: int | None = None, max_time: float | None = None, compile: bool | None = None,
-          dtype: str | None = None, progress: bool = True, until_step: int | None = None) -> dict:
+          dtype: str | None = None, progress: bool = True, until_step: int | None = None,
+          teachers: list[str] | None = None, branch_from: str | os.PathLike | None = None) -> dict:
     """Train a model on a prepared data directory and export the best checkpoint to OUT/model.
 
     resume: continue OUT from its latest checkpoint (config from OUT/config.json, then overrides).
+    branch_from: a run folder or one of its checkpoint files; OUT starts as a copy of it at that checkpoint
+      and goes on from there (e.g. a WSD cooldown with `max_steps`), the source run left resumable.
+    teachers: model directories to distil from (train.distill_alpha, train.distill_temperature); kept in
+      OUT/config.json, so that --resume goes on distilling.
     until_step: stop (with a checkpoint) after this step, as if interrupted; for tests and staged runs.
     Returns a summary dict (steps, tokens, best val loss, tokens/s, paths).
 
@@ -45,11 +51,15 @@ def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = 
                                                                        ("compile", compile), ("dtype", dtype))
                                          if v is not None]
     ckpt = None
+    if branch_from is not None:
+        branch_run(Path(branch_from), run)
+        resume = True
     if resume:
         saved, cfg, ckpt, tokenizer = load_run(run, overrides)
         if "finetune" in saved:
             raise StoryGPTError(f"{run}: a fine-tuning run; continue it with `storygpt finetune --resume --out {run}`")
         data = data or saved.get("data")
+        teachers = teachers or saved.get("teachers")
     else:
         check_new_run(run)
         cfg = build_config(preset, config_file, overrides)
@@ -68,14 +78,18 @@ def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = 
     device = pick_device(cfg.train.device)
     amp = pick_dtype(device, cfg.train.dtype)
     with loop.process_group(device, cfg.train.strategy) as (d, device):
-        return _train(run, cfg, data, meta, tokenizer, ckpt, device, amp, d, progress, until_step)
+        return _train(run, cfg, data, meta, tokenizer, ckpt, device, amp, d, progress, until_step,
+                      teacher_paths(teachers))
 
 
 def _train(run: Path, cfg: RunConfig, data, meta: dict, tokenizer: Tokenizer, ckpt: dict | None,
-           device: torch.device, amp: str, d: Dist, progress: bool, until_step: int | None) -> dict:
+           device: torch.device, amp: str, d: Dist, progress: bool, until_step: int | None,
+           teachers: list[str]) -> dict:
     """The training run of `train()`, once its inputs are checked; on every rank under torchrun."""
     mc, tc = cfg.model, cfg.train
-    job, state = loop.start(run, cfg, data, tokenizer, lambda: Transformer(mc).to(device), ckpt, device, amp, d)
+    extra = {"teachers": teachers} if teachers else None
+    job, state = loop.start(run, cfg, data, tokenizer, lambda: Transformer(mc).to(device), ckpt, device, amp, d,
+                            config_extra=extra, teachers=teachers)
     n_params = job.model.num_params()
     loop.fit(job, state, progress, until_step, desc=f"train {n_params / 1e6:.1f}M {device.type}/{amp}")
 
