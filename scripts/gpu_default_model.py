@@ -50,6 +50,7 @@ PHASES = [
         "teacher_wd01": (TEACHER, TEACHER_TRAIN | {"weight_decay": 0.1}, []),
         "student": (STUDENT, STUDENT_TRAIN, []),
         "student_nodrop": (STUDENT | {"dropout": 0.0}, STUDENT_TRAIN, []),
+        "student_wd01": (STUDENT, STUDENT_TRAIN | {"weight_decay": 0.1}, []),
     }},
     {"minutes": 3.0, "runs": {
         "distilled": (STUDENT, STUDENT_TRAIN | {"distill_alpha": 0.5}, ["teacher_wd1", "teacher_wd01"]),
