@@ -2,12 +2,13 @@
 
 For each held-out story (never trained on), the instruction asks for what that story has (instruct_data's
 `requirements`, seeded per story): three of its words, one of its sentences, and dialogue when it has
-quoted speech. Every model writes one story per instruction, at temperature --temperature, in two
+quoted speech, and its main character ("a cat named Pip") when the story introduces one so. Every model writes one story per instruction, at temperature --temperature, in two
 prompt formats: `fields` (Words: / Random sentence: / Features: lines, then Story:) and `request` (the
 same requirements as one plain-language request). A model that is not instruction-tuned (the base
 model) gets the same text as a plain prompt, which it continues: the baseline. Measured per model and
 format: the share of stories with all three words (any inflection: jump/jumped), each word, the
-sentence (case, punctuation and spacing ignored), dialogue when asked (and when not), the share that
+sentence (case, punctuation and spacing ignored), dialogue when asked (and when not), the requested
+character as the story's main character (its name the most used, its kind in the story), the share that
 ended, their length, their fluency (nats per token of the stories alone under `--fluency-model`, the
 shipped default model: lower is more ordinary text), and the instruction gain (the stories'
 log-likelihood per token after their own instruction minus after another story's: how much a model
@@ -39,7 +40,8 @@ from storygpt.data import expand_inputs, iter_stories
 from storygpt.evaluate import evaluate
 from storygpt.instruct import header_prompt, request_prompt
 from storygpt.scoring import score_tokens
-from storygpt.instruct_data import contains_sentence, contains_word, has_dialogue, request_text, requirements
+from storygpt.instruct_data import (contains_sentence, contains_word, has_dialogue, is_main_character, request_text,
+                                    requirements)
 from storygpt.serve.engine import END, Engine
 
 HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "heldout.txt"
@@ -54,7 +56,7 @@ def tasks(stories: list[str], seed: int) -> list[dict]:
         if "words" not in req or "sentence" not in req:
             continue
         out.append({"req": req, "story": story, "fields": header_prompt(words=req["words"], sentence=req["sentence"],
-                                                        features=req.get("features")),
+                                                        features=req.get("features"), character=req.get("character")),
                     "request": request_prompt(request_text(req, rng))})
     return out
 
@@ -115,7 +117,7 @@ def fluency(model, stories: list[str]) -> float:
 
 
 def grade(items: list[dict], stories: list[str], reasons: list[str]) -> dict:
-    words_all, words_each, sentence, asked, unasked = [], [], [], [], []
+    words_all, words_each, sentence, asked, unasked, character = [], [], [], [], [], []
     for item, story in zip(items, stories):
         req = item["req"]
         hits = [contains_word(story, w) for w in req["words"]]
@@ -123,11 +125,14 @@ def grade(items: list[dict], stories: list[str], reasons: list[str]) -> dict:
         words_each.extend(hits)
         sentence.append(contains_sentence(story, req["sentence"]))
         (asked if "features" in req else unasked).append(has_dialogue(story))
+        if "character" in req:
+            character.append(is_main_character(story, req["character"]))
 
     def share(xs):
         return round(sum(xs) / len(xs), 3) if xs else None
     return {"all_words": share(words_all), "each_word": share(words_each), "sentence": share(sentence),
             "dialogue_when_asked": share(asked), "dialogue_unasked": share(unasked),
+            "character": share(character), "n_character": len(character),
             "ended": share([r == "stop" for r in reasons]), "n": len(items), "n_dialogue": len(asked),
             "words_per_story": round(sum(len(s.split()) for s in stories) / max(1, len(stories)), 1)}
 

@@ -59,6 +59,13 @@ PHASES = [
         "student_cosine": (STUDENT, STUDENT_TRAIN | {"schedule": "cosine"}, []),
     }},
 ]
+# `--ablations`: the levers that PHASES leaves confounded (phase B ran faster than phase A), each against one
+# baseline at a fixed number of steps, so that the GPU's share does not decide the tokens seen.
+ABLATIONS = {"steps": 1200, "runs": {
+    "abl_wsd_epochs": (STUDENT, STUDENT_TRAIN, []),
+    "abl_cosine_epochs": (STUDENT, STUDENT_TRAIN | {"schedule": "cosine"}, []),
+    "abl_wsd_random": (STUDENT, STUDENT_TRAIN | {"sampling": "random"}, []),
+}}
 SMOKE = {"model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
          "train": {"seq_len": 64, "batch_size": 4, "max_steps": 12, "eval_interval": 6, "eval_iters": 2,
                    "warmup_steps": 2, "checkpoint_interval": 6, "log_interval": 2, "compile": False, "dtype": "fp32",
@@ -95,7 +102,9 @@ def run_phase(phase: dict, data: Path, work: Path, smoke: bool) -> dict:
     procs = {}
     for name, (model, train, teachers) in phase["runs"].items():
         keys = {f"model.{k}": v for k, v in model.items()} | {f"train.{k}": v for k, v in (TRAIN | train).items()}
-        keys["train.max_time"] = phase["minutes"]
+        keys["train.max_time"] = phase.get("minutes", 0)
+        if "steps" in phase:
+            keys["train.max_steps"] = phase["steps"]
         if smoke:
             keys |= {f"model.{k}": v for k, v in SMOKE["model"].items()} | {f"train.{k}": v for k, v in SMOKE["train"].items()}
             keys["train.max_time"] = 0
@@ -182,7 +191,8 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, for seconds (CI)")
     p.add_argument("--inputs", default=os.environ.get("STORYGPT_GPU_DATA", str(ROOT / "gpu_data")))
-    p.add_argument("--work", default=None, help="run folders (default: OUT/../gpu_work, kept out of OUT)")
+    p.add_argument("--work", default=None, help="run folders (default: OUT_work beside OUT, kept out of OUT)")
+    p.add_argument("--ablations", action="store_true", help="only the fixed-step ablations (ABLATIONS), no model packed")
     args = p.parse_args()
     out, inputs = Path(args.out), Path(args.inputs)
     work = Path(args.work) if args.work else out.resolve().parent / f"{out.name}_work"
@@ -201,8 +211,8 @@ def main() -> None:
     log(f"GPU: {gpu}; torch {torch.__version__}")
     data = prepare(inputs, work)
     results = {"gpu": gpu, "torch": torch.__version__, "smoke": args.smoke, "phases": [], "runs": {}}
-    for phase in PHASES:
-        results["phases"].append({"minutes": phase["minutes"], "runs": list(phase["runs"])})
+    for phase in [ABLATIONS] if args.ablations else PHASES:
+        results["phases"].append({k: v for k, v in phase.items() if k != "runs"} | {"runs": list(phase["runs"])})
         results["runs"] |= run_phase(phase, data, work, args.smoke)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(f"training done after {time.time() - t0:.0f} s; scoring")
@@ -217,7 +227,10 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     # the student to ship is chosen on the run's own val split, never on heldout.txt
     students = {n: s for n, s in results["runs"].items() if "error" not in s and not n.startswith("teacher")}
-    if students:
+    if students and args.ablations:
+        results["best"] = min(students, key=lambda n: students[n]["best_val_bpb"])
+        plot(results["runs"], work, out / "curves.png")
+    elif students:
         best = min(students, key=lambda n: students[n]["best_val_bpb"])
         base = min((n for n in students if "teachers" not in students[n]), key=lambda n: students[n]["best_val_bpb"],
                    default=None)

@@ -11,6 +11,8 @@ prompt, prompt i with seed `seed + i`: the same settings give the same completio
 - self_bleu: BLEU (sacrebleu) of each completion against the other N-1 of its prompt, mean;
 - spelling: share of words that are not English words (pyspellchecker's dictionary), over all words;
 - names: share of completions that bring in no new name for the prompt's characters (measures.keeps_names);
+- names_reused: of the completions of prompts that name a character, the share that name one of them again
+  (measures.reuses_names: a story can keep its names by not using them);
 - novelty (with training stories): mean highest Rouge-2 precision against any training story, the
   share of completions above 0.5, and the share of word 4-grams found in the training text;
 - speed: generated tokens per second over the whole sampling.
@@ -58,6 +60,7 @@ def generation_measures(model: StoryModel, prompts: list[str], cfg, index=None, 
         "self_bleu": mean(measures.self_bleu(group) for group in completions),
         "spelling": wrong / total if total else None,
         "names": mean(measures.keeps_names(p, c) for p, group in zip(prompts, completions) for c in group),
+        "names_reused": mean(measures.reuses_names(p, c) for p, group in zip(prompts, completions) for c in group),
         "speed": speed,
     }
     if index is not None:

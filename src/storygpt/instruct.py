@@ -5,6 +5,7 @@ A record is a few `Field: value` lines, then `Story:` and the story (the format 
 TinyStories-Instruct text release):
 
     Features: Dialogue
+    Character: a dog named Max
     Words: dog, ball, happy
     Random sentence: The dog ran to the park.
     Story: Once upon a time, ...
@@ -27,9 +28,9 @@ from .errors import StoryGPTError
 
 STORY = "Story:"
 REQUEST = "Request:"
-FIELDS = ("Features", "Words", "Random sentence", "Summary")  # the release's header fields
+FIELDS = ("Features", "Character", "Words", "Random sentence", "Summary")  # the release's, and Character
 FEATURES = ("Dialogue", "BadEnding", "MoralValue", "Twist", "Foreshadowing", "Conflict")  # the paper's six
-INSTRUCT_INFO = {"format": "tinystories-instruct", "version": 1, "fields": list(FIELDS), "request": REQUEST,
+INSTRUCT_INFO = {"format": "tinystories-instruct", "version": 2, "fields": list(FIELDS), "request": REQUEST,
                  "story": STORY}
 MAX_WORDS = 8
 WORD = r"[A-Za-z][A-Za-z'\-]*"  # a requested word (letters, inner apostrophes and hyphens)
@@ -86,7 +87,7 @@ def _one_line(text: str, what: str) -> str:
 
 
 def header_prompt(words=None, sentence: str | None = None, features=None, summary: str | None = None,
-                  order: list[str] | None = None) -> str:
+                  order: list[str] | None = None, character: str | None = None) -> str:
     """The prompt for a story with these requirements, in the release's field format, ending with
     `Story:`. `order` lists field names (default: FIELDS' order); at least one requirement is needed."""
     values = {}
@@ -94,6 +95,8 @@ def header_prompt(words=None, sentence: str | None = None, features=None, summar
         feats = normalize_features(features)
         if feats:
             values["Features"] = ", ".join(feats)
+    if character is not None:
+        values["Character"] = _one_line(character, "character")
     if words is not None:
         values["Words"] = ", ".join(normalize_words(words))
     if sentence is not None:
@@ -101,7 +104,7 @@ def header_prompt(words=None, sentence: str | None = None, features=None, summar
     if summary is not None:
         values["Summary"] = _one_line(summary, "summary")
     if not values:
-        raise StoryGPTError("an instruction needs words, a sentence, features or a summary")
+        raise StoryGPTError("an instruction needs words, a sentence, features, a character or a summary")
     lines = [f"{name}: {values[name]}" for name in (order or FIELDS) if name in values]
     return "\n".join(lines) + "\n" + STORY
 

@@ -147,10 +147,61 @@ def pick_sentence(story: str, rng: random.Random) -> str | None:
     return rng.choice(good) if good else None
 
 
+CHARACTER = re.compile(r"\b(?:[Aa]n?|[Oo]ne)\s+((?:[a-z]+\s+){0,2}?[a-z]+)\s+(?:named|called)\s+([A-Z][a-z]+)\b")
+KINDS = set("""girl boy cat dog bird bunny rabbit bear mouse fish frog duck lion monkey elephant puppy kitten fox owl
+squirrel turtle pig cow horse sheep butterfly bee bug ant dragon princess prince king queen man woman lady baby kid
+child toddler robot car truck train boat plane doll toy teddy giraffe tiger zebra penguin deer wolf hen chicken goat
+snake spider ladybug worm snail crab whale dolphin shark seal owl parrot kangaroo koala panda unicorn fairy monster
+giant witch wizard pirate farmer teacher doctor chef dinosaur cub lamb pony donkey goose swan bat beetle""".split())
+NOT_KIND = set("a an the one was is were time who that which and there upon very".split())
+INTRODUCED = re.compile(r"\b([A-Z][a-z]+)\s+(?:was|is)\s+(?:a|an)\s+((?:[a-z]+\s+){0,2}?([a-z]+))\b")
+NAMED_AFTER = re.compile(r"\b(?:a|an)\s+((?:[a-z]+\s+){0,2}?([a-z]+))[.,]?\s+(?:[Hh]is|[Hh]er|[Ii]ts|[Tt]heir)\s+"
+                         r"name\s+was\s+([A-Z][a-z]+)\b")
+
+
+def main_character(story: str) -> str | None:
+    """The story's main character as "a cat named Pip" (its kind as the story introduces it, and its name),
+    for the story's most used name: "a cat named/called Pip", "Pip was a little cat" (a kind of KINDS), or
+    "a little cat. Her name was Pip". None when the story introduces none of its names so."""
+    counts = {n: len(re.findall(rf"\b{n}\b", story)) for n in story_names(story)}
+    if not counts:
+        return None
+    top = max(counts.values())
+    found = [(m.start(), m.group(1), m.group(2)) for m in CHARACTER.finditer(story)]
+    found += [(m.start(), m.group(2), m.group(1)) for m in INTRODUCED.finditer(story) if m.group(3) in KINDS]
+    found += [(m.start(), m.group(1), m.group(3)) for m in NAMED_AFTER.finditer(story) if m.group(2) in KINDS]
+    for _, kind, name in sorted(found):
+        if counts.get(name) == top and NOT_KIND.isdisjoint(kind.split()):
+            kind = " ".join(kind.split())
+            article = "an" if kind[0] in "aeiou" else "a"
+            return f"{article} {kind} named {name}"
+    return None
+
+
+def character_parts(character: str) -> tuple[str, str] | None:
+    """(kind noun, name) of "a little cat named Pip" -> ("cat", "Pip"); None when it is not in that form."""
+    m = re.fullmatch(r"(?:an?|one)\s+((?:[a-z]+\s+)*?)([a-z]+)\s+(?:named|called)\s+([A-Z][a-z]+)", character.strip())
+    return (m.group(2), m.group(3)) if m else None
+
+
+def is_main_character(story: str, character: str) -> bool:
+    """Whether the story is about the requested character: its name is the story's most used name and its
+    kind (any inflection) is in the story."""
+    parts = character_parts(character)
+    if parts is None:
+        return False
+    kind, name = parts
+    counts = {n: len(re.findall(rf"\b{n}\b", story)) for n in story_names(story)}
+    if name not in counts or counts[name] < max(counts.values()):
+        return False
+    return contains_word(story, kind)
+
+
 def requirements(story: str, rng: random.Random) -> dict:
-    """What a record built from this story may ask for: words, sentence, features (each may be absent)."""
+    """What a record built from this story may ask for: words, sentence, features, the main character (each
+    may be absent)."""
     found = {"words": pick_words(story, rng), "sentence": pick_sentence(story, rng),
-             "features": ["Dialogue"] if has_dialogue(story) else []}
+             "features": ["Dialogue"] if has_dialogue(story) else [], "character": main_character(story)}
     return {k: v for k, v in found.items() if v}
 
 
@@ -174,6 +225,11 @@ def request_text(req: dict, rng: random.Random) -> str:
     third = [p.replace("ha{s}", "has").replace("{s}", "s") for p in parts]
     base = [p.replace("ha{s}", "have").replace("{s}", "") for p in parts]
     kind = rng.choice(["a story", "a short story", "a story for a child", "a bedtime story", "a simple story"])
+    if "character" in req:
+        kind += " " + rng.choice(["about", "about", "starring", "with"]) + " " + req["character"]
+    if not parts:
+        return rng.choice([f"Write {kind}.", f"Can you tell me {kind}?", f"Please write {kind}.",
+                           f"I would like {kind}.", f"Tell me {kind}."])
     templates = [
         lambda: f"Write {kind} that {_listing(third)}.",
         lambda: f"Can you tell me {kind} that {_listing(third)}?",
@@ -201,7 +257,7 @@ def make_record(story: str, rng: random.Random, request_share: float = 0.5) -> s
         order = list(FIELDS)
         rng.shuffle(order)
         prompt = header_prompt(words=keep.get("words"), sentence=keep.get("sentence"),
-                               features=keep.get("features"), order=order)
+                               features=keep.get("features"), character=keep.get("character"), order=order)
     return f"{prompt} {story}"
 
 

@@ -156,3 +156,12 @@ def keeps_names(prompt: str, completion: str) -> bool:
     """True unless the completion brings in a name that no prompt character has and that it does not
     introduce (see new_names)."""
     return not new_names(prompt, completion)
+
+
+def reuses_names(prompt: str, completion: str) -> bool | None:
+    """Whether the completion names one of the prompt's characters again (None when the prompt names none):
+    a story can keep its names (keeps_names) by never using them; this measures the other half."""
+    given = names(prompt)
+    if not given:
+        return None
+    return any(re.search(rf"\b{re.escape(name)}\b", completion) for name in given)

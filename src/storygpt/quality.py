@@ -21,6 +21,7 @@ MEASURES: tuple[tuple[str, Callable[[dict], float], str], ...] = (
     ("cloze (consistency items)", lambda m: m["cloze"]["accuracy"], "higher"),
     ("continuation (true ending found)", lambda m: m["continuation"]["accuracy"], "higher"),
     ("names kept", lambda m: m["names"], "higher"),
+    ("prompt's names used again", lambda m: m["names_reused"], "higher"),
     ("grammar (minimal pairs)", lambda m: m["grammar"]["accuracy"], "higher"),
     ("stories that end", lambda m: m["ended"], "higher"),
     ("repeated 4-grams", lambda m: m["repetition"], "lower"),

@@ -202,7 +202,7 @@ def load_run(run: Path, overrides: list[str]) -> tuple[dict, RunConfig, dict, To
     return saved, cfg, load_checkpoint(run / LATEST), Tokenizer.load(run / "tokenizer")
 
 
-def branch_run(source: Path, run: Path) -> None:
+def branch_run(source: Path, run: Path, overrides: list[str] | None = None) -> None:
     """Start run folder `run` as a copy of `source` at its latest checkpoint (source: a run folder, or a
     checkpoint file in one): its config, tokenizer, log up to that step and that checkpoint, with no best
     yet (the branch's own evaluations choose its model). The source run is left as it was, resumable; a
@@ -211,6 +211,9 @@ def branch_run(source: Path, run: Path) -> None:
     src_run = ckpt_path.parent
     if not (src_run / "config.json").is_file():
         raise StoryGPTError(f"{src_run}: not a run folder (no config.json)")
+    saved = json.loads((src_run / "config.json").read_text())  # bad overrides fail here, before `run` is made
+    apply_overrides(RunConfig.from_dict({k: saved[k] for k in ("model", "train")}, str(src_run / "config.json")),
+                    overrides or []).train.validate()
     ckpt = load_checkpoint(ckpt_path)
     if "dcp" in ckpt:
         raise StoryGPTError(f"{ckpt_path}: a sharded (FSDP) checkpoint cannot be branched; resume it in place")

@@ -52,7 +52,7 @@ def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = 
                                          if v is not None]
     ckpt = None
     if branch_from is not None:
-        branch_run(Path(branch_from), run)
+        branch_run(Path(branch_from), run, overrides)
         resume = True
     if resume:
         saved, cfg, ckpt, tokenizer = load_run(run, overrides)
