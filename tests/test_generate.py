@@ -212,16 +212,20 @@ def test_shipped_default_model():
 
 def test_shipped_default_model_carries_its_quality_and_its_predecessors():
     """The suite's report of the shipped model and of the ones it replaced travel in its config (the app's table):
-    it meets issue 13's targets against v1."""
+    v4 against v3 and v2 (issue 26's targets, and where it falls short)."""
     from storygpt.quality import quality_rows
 
     rows = {r["measure"]: r for r in quality_rows(storygpt.load().facts())}
-    previous = next(k for k in rows["cloze (consistency items)"] if k.startswith("v1"))
-    assert rows["held-out bits/byte"]["this model"] <= 0.86 < rows["held-out bits/byte"][previous]
-    for measure in ("cloze (consistency items)", "continuation (true ending found)", "names kept",
-                    "grammar (minimal pairs)"):
-        assert rows[measure]["this model"] > rows[measure][previous], measure
-    assert [k for k in rows["names kept"] if k.startswith("v")] == ["v2: before rejection sampling", previous]
+    names = [k for k in rows["names kept"] if k.startswith("v")]
+    assert [n.split(":")[0] for n in names] == ["v3", "v2", "v1"]
+    v3, v2 = names[0], names[1]
+    assert rows["held-out bits/byte"]["this model"] <= 0.78 < rows["held-out bits/byte"][v2] < rows["held-out bits/byte"][v3]
+    for measure in ("cloze (consistency items)", "continuation (true ending found)", "grammar (minimal pairs)"):
+        assert rows[measure]["this model"] > max(rows[measure][v3], rows[measure][v2]), measure
+    assert rows["names kept"]["this model"] >= rows["names kept"][v3]
+    # issue 26 asks for no fewer ended stories than v3: v4 ends 420 of 440, v3 424 (README, an open shortfall)
+    assert rows["stories that end"][v2] < rows["stories that end"]["this model"] < rows["stories that end"][v3]
+    assert rows["prompt's names used again"]["this model"] >= rows["prompt's names used again"][v2]
 
 
 def test_stream_samples_reports_per_call_stats(tiny_run):

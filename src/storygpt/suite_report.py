@@ -19,6 +19,7 @@ MEASURES = [
     ("continuation.accuracy", "continuation", "higher"),
     ("grammar.accuracy", "grammar", "higher"),
     ("names", "names kept", "higher"),
+    ("names_reused", "prompt's names used again", "higher"),
     ("ended", "ended", "higher"),
     ("repetition", "repeated 4-grams", "lower"),
     ("loops", "loops", "lower"),
