@@ -474,6 +474,15 @@ def test_branch_of_a_finished_run_through_the_cli(tmp_path, data_dir, capsys):
     assert hashes(src) == before
 
 
+def test_branch_with_a_bad_teacher_leaves_no_branch(tmp_path, data_dir, other_teacher, capsys):
+    src, branch = tmp_path / "src", tmp_path / "branch"
+    train(data_dir, src, preset="tiny", max_steps=4, progress=False, dtype="fp32", overrides=FAST)
+    before = hashes(src)
+    code, _, err = run_cli(["train", "--resume", src, "--out", branch, "--teacher", other_teacher, "--quiet"], capsys)
+    one_line_error(code, err, "tokenizer")
+    assert not branch.exists() and hashes(src) == before
+
+
 # --------------------------------------------------------------------------------------------
 # 7. scripts/gpu_default_model.sh --smoke
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ checkpoints and exact resume, logs, loss curve) is loop.py's, shared with `finet
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -53,7 +54,12 @@ def train(data: str | os.PathLike | None, out: str | os.PathLike, preset: str = 
     ckpt = None
     if branch_from is not None:
         branch_run(Path(branch_from), run, overrides)
-        resume = True
+        try:  # the same checks as any resume; one that fails leaves no half-made branch behind
+            return train(data, run, overrides=overrides, resume=True, progress=progress, until_step=until_step,
+                         teachers=teachers)
+        except StoryGPTError:
+            shutil.rmtree(run, ignore_errors=True)
+            raise
     if resume:
         saved, cfg, ckpt, tokenizer = load_run(run, overrides)
         if "finetune" in saved:
