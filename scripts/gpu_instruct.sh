@@ -32,8 +32,8 @@ lora=$!
 "$PY" -m storygpt finetune "${common[@]}" --lr 5e-4 --set min_lr=5e-5 --set model.dropout=0.1 --out "$W/full" > "$W/full/stdout.txt" 2>&1 &
 full=$!
 status=0
-wait $lora || status=1
-wait $full || status=1
+wait $lora || { status=1; echo "gpu_instruct: the LoRA run failed:"; tail -5 "$W/lora/stdout.txt"; }
+wait $full || { status=1; echo "gpu_instruct: the full fine-tune failed:"; tail -5 "$W/full/stdout.txt"; }
 tar czf "$OUT/lora.tar.gz" -C "$W/lora" $(cd "$W/lora" && ls -d adapter config.json log.jsonl summary.json stdout.txt 2>/dev/null)
 tar czf "$OUT/full.tar.gz" -C "$W/full" $(cd "$W/full" && ls -d config.json log.jsonl summary.json stdout.txt 2>/dev/null)
 if [ -f "$W/full/model/model.safetensors" ]; then

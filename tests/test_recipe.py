@@ -6,6 +6,7 @@ Everything trains tiny models on the generated stories of conftest.py."""
 from __future__ import annotations
 
 import hashlib
+import gzip
 import json
 import math
 import os
@@ -528,3 +529,31 @@ def test_gpu_script_smoke(tmp_path):
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = set(tar.getnames())
     assert all(f"{n}/log.jsonl" in names and f"{n}/config.json" in names for n in runs)
+
+
+def test_gpu_instruct_script_smoke(tmp_path):
+    """scripts/gpu_instruct.sh --smoke: records of the shipped tokenizer's text, a LoRA and a full fine-tune of
+    the shipped model side by side, and what comes back: the adapter and the full model in bf16 parts."""
+    from storygpt.instruct_data import build
+
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    write_tinystories(tmp_path / "stories.txt", make_stories(400, seed=21))
+    build([str(tmp_path / "stories.txt")], str(tmp_path / "records.txt"), seed=0)
+    with open(tmp_path / "records.txt", "rb") as src, gzip.open(inputs / "records.txt.gz", "wb") as dst:
+        dst.write(src.read())
+    env = os.environ | {"PYTHON": sys.executable, "STORYGPT_GPU_INSTRUCT": str(inputs)}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_instruct.sh"), str(out), "--smoke"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["full.0.safetensors", "full.1.safetensors", "full.config.json", "full.tar.gz", "lora.tar.gz"]
+    assert all((out / f).stat().st_size < 16 << 20 for f in files)
+    work = tmp_path / "out_work"
+    packed = load_file(out / "full.0.safetensors") | load_file(out / "full.1.safetensors")
+    exported = load_file(work / "full" / "model" / "model.safetensors")
+    assert packed.keys() == exported.keys()
+    assert all(torch.equal(packed[k], v.to(torch.bfloat16)) for k, v in exported.items())
+    assert json.loads((out / "full.config.json").read_text())["storygpt"]["instruct"]["version"] == 2
+    with tarfile.open(out / "lora.tar.gz") as tar:
+        assert {"adapter/adapter_model.safetensors", "adapter/storygpt.json", "log.jsonl"} <= set(tar.getnames())
