@@ -182,7 +182,7 @@ def test_loss_ignores_instruction_tokens(tmp_path, tiny_run, instruct_data):
         return F.cross_entropy(logits[keep], y[keep])
 
     # the training step: loss and gradients are those of the story tokens' cross-entropy
-    job = SimpleNamespace(device=torch.device("cpu"), amp="fp32", trained=net,
+    job = SimpleNamespace(device=torch.device("cpu"), amp="fp32", trained=net, teachers=[],
                           cfg=SimpleNamespace(train=SimpleNamespace(grad_accum_steps=1)))
     loss, _ = loop.micro_step(job, net, x, y, loop.counted(y), may_fall_back=False)
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}

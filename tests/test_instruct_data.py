@@ -233,3 +233,39 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
     r = run_cli("data", "instruct", "--input", str(src), "--out", str(tmp_path / "o.txt"), "--seed", "3")
     assert r.returncode == 0 and "3 instruction records from 3 stories" in r.stdout
+
+
+def test_main_character_is_read_from_the_story():
+    from storygpt.instruct_data import character_parts, is_main_character, main_character
+
+    named = "Once upon a time, there was a little cat named Pip. Pip liked milk. One day Pip met Tom. Pip smiled."
+    assert main_character(named) == "a little cat named Pip"
+    assert main_character("Tom was a boy. Tom ran. Tom jumped. Sue said hi.") == "a boy named Tom"
+    assert main_character("Tom was a brave boy. Tom ran. Tom jumped.") is None  # one word after the article only
+    assert main_character("There was an old dog. His name was Max. Max barked at Max's ball.") == "an old dog named Max"
+    # the most used name only: Sue is introduced, Tom is the main character and has no kind here
+    assert main_character("There was a girl named Sue. Then Tom ran. Then Tom jumped. Then Tom fell. Sue laughed.") is None
+    assert main_character("The sun was hot. A bird sang.") is None
+    assert character_parts("a little cat named Pip") == ("cat", "Pip")
+    assert character_parts("Pip") is None
+    assert is_main_character("The little cat, Pip, played. Then Pip ran home to the other cats.", "a cat named Pip")
+    # Tom is the main character (the most used name)
+    assert not is_main_character("Then Tom played with Pip the cat. Then Tom ran and Tom fell.", "a cat named Pip")
+    assert not is_main_character("Then Pip played. Then Pip ran. Then Pip sang.", "a cat named Pip")  # no cat in it
+
+
+def test_records_and_prompts_carry_the_character():
+    from storygpt.generate import instruction_header
+    from storygpt.instruct_data import make_record, request_text
+
+    story = "Once upon a time, there was a little dog named Max. Max liked to run and jump in the big green park."
+    prompts = [make_record(story, random.Random(i), request_share=0.0).split("Story:")[0] for i in range(40)]
+    assert any("Character: a little dog named Max\n" in p for p in prompts)
+    requests = [request_text({"character": "a little dog named Max", "words": ["park"]}, random.Random(i)) for i in range(20)]
+    assert all("a little dog named Max" in r and "park" in r for r in requests)
+    assert request_text({"character": "a cat named Pip"}, random.Random(0)).rstrip(".?").endswith("a cat named Pip")
+    head = instruction_header(words="ball", character="a cat named Pip")
+    assert head == "Character: a cat named Pip\nWords: ball\nStory:" and "Character" in FIELDS
+    assert split_record(head + " Pip ran.") == (head, "Pip ran.")
+    with pytest.raises(StoryGPTError, match="request replaces"):
+        instruction_header(request="Write a story.", character="a cat named Pip")

@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--features", help="comma-separated, of: Dialogue, BadEnding, MoralValue, Twist, Foreshadowing, "
                      "Conflict (case, spaces and '-' do not matter)")
     ins.add_argument("--summary", help="what the story is about, in a sentence or two")
+    ins.add_argument("--character", help="the story's main character, its kind and name: \"a cat named Pip\"")
     ins.add_argument("--request", help="instead of the above, a request in plain words: \"Write a story about ...\"")
     ins.add_argument("--no-guide", action="store_true", help="leave the model to itself: no guided decoding toward "
                      "the words and the sentence asked for (see the README, \"Instruction following\")")

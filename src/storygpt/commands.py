@@ -159,14 +159,14 @@ def cmd_generate(args) -> None:
 
     prompt = args.prompt or ""
     try:
-        for text in (prompt, args.sentence, args.summary, args.request):
+        for text in (prompt, args.sentence, args.summary, args.request, args.character):
             (text or "").encode("utf-8")
     except UnicodeEncodeError:
         raise StoryGPTError("prompt is not valid UTF-8 text") from None
     if args.num_samples < 1:
         raise StoryGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
     instruction = dict(words=args.words, sentence=args.sentence, features=args.features, summary=args.summary,
-                       request=args.request)
+                       character=args.character, request=args.request)
     instruction_header(**instruction)  # bad requirements fail before the model loads
     model = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     model_prompt = model.instruct_prompt(prompt, **instruction)  # a plain model refuses requirements

@@ -33,20 +33,22 @@ from .sampling import apply_repetition_penalty, sample_next, top_k_filter, top_p
 from .tokenizer import Tokenizer
 
 MAX_SAMPLES = 64
-INSTRUCTIONS = ("words", "sentence", "features", "summary", "request")  # generate()'s instruction keywords
+INSTRUCTIONS = ("words", "sentence", "features", "summary", "character", "request")  # generate()'s instruction keywords
 
 
 def instruction_header(words=None, sentence: str | None = None, features=None, summary: str | None = None,
-                       request: str | None = None) -> str | None:
+                       request: str | None = None, character: str | None = None) -> str | None:
     """The instruction part of an instruct model's prompt, ending with `Story:` (None when nothing is asked):
-    `request_prompt(request)`, or `header_prompt(words, sentence, features, summary)`. Raises StoryGPTError for
-    unknown features, an empty word list, empty text, or a request together with the other fields."""
-    fields = {"words": words, "sentence": sentence, "features": features, "summary": summary}
+    `request_prompt(request)`, or `header_prompt(words, sentence, features, summary, character=...)`. Raises
+    StoryGPTError for unknown features, an empty word list, empty text, or a request together with the other
+    fields."""
+    fields = {"words": words, "sentence": sentence, "features": features, "summary": summary, "character": character}
     if request is None and all(v is None for v in fields.values()):
         return None
     if request is not None:
         if any(v is not None for v in fields.values()):
-            raise StoryGPTError("a request replaces words, sentence, features and summary: give one or the other")
+            raise StoryGPTError("a request replaces words, sentence, features, summary and character: "
+                                "give one or the other")
         return request_prompt(request)
     return header_prompt(**fields)
 
@@ -89,7 +91,7 @@ class StoryModel:
     # --- public API ------------------------------------------------------------------------
     def generate(self, prompt: str = "", num_samples: int | None = None, *, words=None, sentence: str | None = None,
                  features=None, summary: str | None = None, request: str | None = None,
-                 **options) -> str | list[str]:
+                 character: str | None = None, **options) -> str | list[str]:
         """The prompt followed by a generated story (a list of `num_samples` of them if given).
 
         Options: max_new_tokens=256, temperature=0.8 (0 = greedy), top_k=0 (off), top_p=0.95,
@@ -98,12 +100,13 @@ class StoryModel:
 
         Instruction-tuned models (`is_instruct`) also take what the story must have: `words` (a list or
         "dog,ball,happy"), `sentence` (to appear in it), `features` (of instruct.FEATURES: "Dialogue",
-        "BadEnding", ...), `summary`, or instead a plain-language `request` ("Write a story about ...").
+        "BadEnding", ...), `summary`, `character` (the main character: "a cat named Pip"), or instead a
+        plain-language `request` ("Write a story about ...").
         Then the model reads that instruction (`instruct_prompt`) and the story alone is returned, without
         the instruction: it starts with `prompt` when one is given (the story's beginning), else with the
         model's first word. A model that is not instruction-tuned refuses them (StoryGPTError).
         """
-        model_prompt, start, fix = self._story(prompt, words, sentence, features, summary, request)
+        model_prompt, start, fix = self._story(prompt, words, sentence, features, summary, request, character)
         n = 1 if num_samples is None else num_samples
         texts = [start] * n
         for i, piece in self._run(model_prompt, n, SamplingOptions(**options)):
@@ -116,10 +119,11 @@ class StoryModel:
         return self.generate("", num_samples, request=text, **options)
 
     def stream(self, prompt: str = "", *, words=None, sentence: str | None = None, features=None,
-               summary: str | None = None, request: str | None = None, **options) -> Iterator[str]:
+               summary: str | None = None, request: str | None = None, character: str | None = None,
+               **options) -> Iterator[str]:
         """Yield the prompt, then the story piece by piece as it is generated (same options and instructions
         as `generate`; with an instruction, the first piece is the story's beginning, "" without one)."""
-        model_prompt, start, fix = self._story(prompt, words, sentence, features, summary, request)
+        model_prompt, start, fix = self._story(prompt, words, sentence, features, summary, request, character)
         yield start
         for i, piece in self._run(model_prompt, 1, SamplingOptions(**options)):
             piece = fix(i, piece) if fix else piece
@@ -128,12 +132,13 @@ class StoryModel:
 
     def stream_samples(self, prompt: str = "", num_samples: int = 1, stats: dict | None = None, *, words=None,
                        sentence: str | None = None, features=None, summary: str | None = None,
-                       request: str | None = None, **options) -> Iterator[tuple[int, str]]:
+                       request: str | None = None, character: str | None = None,
+                       **options) -> Iterator[tuple[int, str]]:
         """Yield (sample index, new text) for `num_samples` stories decoded in one batch, without the
         prompt. `stats` (a dict), if given, receives this call's speed figures when it ends: the
         thread-safe alternative to `last_stats` for servers running several calls at once. Instructions as
         for `generate` (the text is then the story's, without the instruction and the story's beginning)."""
-        model_prompt, _, fix = self._story(prompt, words, sentence, features, summary, request)
+        model_prompt, _, fix = self._story(prompt, words, sentence, features, summary, request, character)
         pieces = self._run(model_prompt, num_samples, SamplingOptions(**options), stats)
         if fix is None:
             return pieces
@@ -145,24 +150,26 @@ class StoryModel:
         return is_instruct(self.info)
 
     def instruct_prompt(self, prompt: str = "", words=None, sentence: str | None = None, features=None,
-                        summary: str | None = None, request: str | None = None) -> str | None:
+                        summary: str | None = None, request: str | None = None,
+                        character: str | None = None) -> str | None:
         """The text an instruction-tuned model reads for a story with these requirements: the instruction
         (instruct.header_prompt or request_prompt, ending with `Story:`), then " " and the story's beginning
         `prompt` if there is one. None when nothing is asked (`prompt` is then a plain story beginning).
         StoryGPTError when this model is not instruction-tuned, or for bad requirements."""
-        if all(v is None for v in (words, sentence, features, summary, request)):
+        if all(v is None for v in (words, sentence, features, summary, request, character)):
             return None
-        return self._story(prompt, words, sentence, features, summary, request)[0]
+        return self._story(prompt, words, sentence, features, summary, request, character)[0]
 
-    def _story(self, prompt, words, sentence, features, summary, request) -> tuple[str, str, StoryStart | None]:
+    def _story(self, prompt, words, sentence, features, summary, request,
+               character=None) -> tuple[str, str, StoryStart | None]:
         """(the text the model reads, what the returned story starts with, a StoryStart when the story's first
         whitespace is to be dropped, else None)."""
         if not isinstance(prompt, str):
             raise StoryGPTError("prompt must be text")
-        if all(v is None for v in (words, sentence, features, summary, request)):
+        if all(v is None for v in (words, sentence, features, summary, request, character)):
             return prompt, prompt, None
         require_instruct(self.info, self.path or "this model")
-        head = instruction_header(words, sentence, features, summary, request)
+        head = instruction_header(words, sentence, features, summary, request, character)
         start = prompt.lstrip()
         return head + (" " + start if start else ""), start, None if start else StoryStart()
 

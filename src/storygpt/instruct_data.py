@@ -161,7 +161,7 @@ NAMED_AFTER = re.compile(r"\b(?:a|an)\s+((?:[a-z]+\s+){0,2}?([a-z]+))[.,]?\s+(?:
 
 def main_character(story: str) -> str | None:
     """The story's main character as "a cat named Pip" (its kind as the story introduces it, and its name),
-    for the story's most used name: "a cat named/called Pip", "Pip was a little cat" (a kind of KINDS), or
+    for the story's most used name: "a cat named/called Pip", "Pip was a cat" (the word after the article one of KINDS), or
     "a little cat. Her name was Pip". None when the story introduces none of its names so."""
     counts = {n: len(re.findall(rf"\b{n}\b", story)) for n in story_names(story)}
     if not counts:
