@@ -1,5 +1,6 @@
 """Where a model loses its characters' names: the suite's names-kept measure on its 44 story beginnings, split
-by whether the completion has a misspelled word (a derailed story), for several models in one run.
+by whether the completion has a misspelled word (a derailed story), for several models in one run; with the
+suite's names-used-again and ended measures of the same completions (e.g. at a second seed).
 
     python benchmarks/names_probe.py --model v2=src/storygpt/default_model v1=OLD [--samples 10] [--seed 1000]
                                      [--top-p 1.0] [--max-new-tokens 256] [--out names.json]
@@ -26,7 +27,7 @@ from common import run_main
 
 
 def probe(path: str, prompts: list[str], cfg: SuiteConfig) -> dict:
-    completions, _, speed = sample(load(path, dtype="fp32"), prompts, cfg, progress=False)
+    completions, ended, speed = sample(load(path, dtype="fp32"), prompts, cfg, progress=False)
     kept = {"clean": [], "misspelled": []}
     bad_words = total_words = 0
     new_names: Counter = Counter()
@@ -38,7 +39,10 @@ def probe(path: str, prompts: list[str], cfg: SuiteConfig) -> dict:
             kept["misspelled" if bad else "clean"].append(not brought_in)
             new_names.update(brought_in)
     every = kept["clean"] + kept["misspelled"]
+    reused = [r for p, group in zip(prompts, completions) for c in group if (r := measures.reuses_names(p, c)) is not None]
+    finished = [e for group in ended for e in group]
     return {"names": sum(every) / len(every), "completions": len(every),
+            "names_reused": sum(reused) / len(reused) if reused else None, "ended": sum(finished) / len(finished),
             "misspelled_words": bad_words / max(1, total_words),
             **{f"names_{k}": (sum(v) / len(v) if v else None) for k, v in kept.items()},
             **{f"completions_{k}": len(v) for k, v in kept.items()},
@@ -67,7 +71,9 @@ def main() -> None:
         share = {k: "-" if r[f"names_{k}"] is None else f"{r[f'names_{k}']:.3f}" for k in ("clean", "misspelled")}
         print(f"{name}: names kept {r['names']:.3f} of {r['completions']} | without a misspelled word "
               f"{share['clean']} ({r['completions_clean']}) | with one {share['misspelled']} "
-              f"({r['completions_misspelled']}) | misspelled words {r['misspelled_words']:.4f}", flush=True)
+              f"({r['completions_misspelled']}) | misspelled words {r['misspelled_words']:.4f} | names used again "
+              f"{'-' if r['names_reused'] is None else format(r['names_reused'], '.3f')} | ended {r['ended']:.3f}",
+              flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"samples": args.samples, "seed": args.seed, "top_p": args.top_p, "stories": args.stories,
