@@ -234,7 +234,7 @@ def test_cli_generate_shipped_instruct(installed, instruct, capsys):
     (["--features", "dialogue,magic"], "unknown feature 'magic'"),
     (["--words", ""], "word list is empty"),
     (["--words", "dog,,ball"], "word list is empty"),
-    (["--features", ""], "needs words, a sentence, features or a summary"),
+    (["--features", ""], "needs words, a sentence, features, a character or a summary"),
     (["--words", "two words"], "is not a word"),
     (["--sentence", "  "], "sentence is empty"),
     (["--request", "Write", "--words", "dog"], "one or the other"),
