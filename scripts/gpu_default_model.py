@@ -14,8 +14,9 @@ tqdm, matplotlib, pyyaml). Every phase is bounded by `train.max_time` (the sched
 whole script keeps to its budget whatever the GPU's speed; the logs say how many tokens each run saw.
 
 OUT gets at most 8 files, none over 16 MiB (what comes back from the GPU machine): results.json, runs.tar.gz
-(every run's config, log, summary and loss plot), curves.png, the best student as best.config.json plus its
-bf16 weights split into best.N.safetensors, and the best non-distilled student likewise (base.*).
+(every run's config, log, summary and loss plot), curves.png, and the two students best on their val split
+as bf16 weights split into best.N.safetensors and second.N.safetensors (their model configs are in
+results.json), so that the suite's generation measures can choose between them before one ships.
 `--smoke` runs the same steps with tiny models for seconds on a CPU (CI's test of this script).
 """
 
@@ -142,8 +143,9 @@ def score(model_dir: Path, heldout: Path, device: str) -> dict:
     return out
 
 
-def pack_weights(model_dir: Path, out: Path, prefix: str) -> list[str]:
-    """The model's weights in bf16, split by tensor into files of at most PART_BYTES, plus its config."""
+def pack_weights(model_dir: Path, out: Path, prefix: str, config_file: bool = True) -> list[str]:
+    """The model's weights in bf16, split by tensor into files of at most PART_BYTES, plus (config_file) its
+    config as PREFIX.config.json."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -160,6 +162,8 @@ def pack_weights(model_dir: Path, out: Path, prefix: str) -> list[str]:
     for i, p in enumerate(parts):
         save_file(p, str(out / f"{prefix}.{i}.safetensors"))
         names.append(f"{prefix}.{i}.safetensors")
+    if not config_file:
+        return names
     (out / f"{prefix}.config.json").write_text((model_dir / "config.json").read_text())
     return names + [f"{prefix}.config.json"]
 
@@ -231,13 +235,11 @@ def main() -> None:
         results["best"] = min(students, key=lambda n: students[n]["best_val_bpb"])
         plot(results["runs"], work, out / "curves.png")
     elif students:
-        best = min(students, key=lambda n: students[n]["best_val_bpb"])
-        base = min((n for n in students if "teachers" not in students[n]), key=lambda n: students[n]["best_val_bpb"],
-                   default=None)
-        results["best"], results["base"] = best, base
-        results["files"] = pack_weights(work / best / "model", out, "best")
-        if base and base != best:
-            results["files"] += pack_weights(work / base / "model", out, "base")
+        ranked = sorted(students, key=lambda n: students[n]["best_val_bpb"])
+        results["best"], results["files"], results["configs"] = ranked[0], [], {}
+        for prefix, name in zip(("best", "second"), ranked):
+            results["files"] += pack_weights(work / name / "model", out, prefix, config_file=False)
+            results["configs"][prefix] = {"run": name} | json.loads((work / name / "model" / "config.json").read_text())
         plot(results["runs"], work, out / "curves.png")
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
         for name in results["runs"]:

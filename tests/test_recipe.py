@@ -513,8 +513,10 @@ def test_gpu_script_smoke(tmp_path):
     files = sorted(p for p in out.rglob("*"))
     assert all(p.is_file() for p in files) and len(files) <= 8, files
     assert all(p.stat().st_size < 16 << 20 for p in files)
-    assert {"results.json", "runs.tar.gz", "curves.png", "best.config.json"} <= {p.name for p in files}
+    assert {"results.json", "runs.tar.gz", "curves.png", "best.0.safetensors", "second.0.safetensors"} <= {p.name for p in files}
     assert set(results["files"]) <= {p.name for p in files}
+    ranked = sorted(students, key=lambda n: students[n]["best_val_bpb"])
+    assert [results["configs"][k]["run"] for k in ("best", "second")] == ranked[:2]
     # the best student's weights, in bf16
     packed = {}
     for name in results["files"]:
@@ -524,8 +526,9 @@ def test_gpu_script_smoke(tmp_path):
     exported = load_file(work / results["best"] / "model" / "model.safetensors")
     assert packed.keys() == exported.keys()
     assert all(torch.equal(packed[k], v.to(torch.bfloat16)) for k, v in exported.items())
-    assert json.loads((out / "best.config.json").read_text()) == json.loads(
-        (work / results["best"] / "model" / "config.json").read_text())
+    config = dict(results["configs"]["best"])
+    assert config.pop("run") == results["best"]
+    assert config == json.loads((work / results["best"] / "model" / "config.json").read_text())
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = set(tar.getnames())
     assert all(f"{n}/log.jsonl" in names and f"{n}/config.json" in names for n in runs)
