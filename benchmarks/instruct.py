@@ -2,9 +2,10 @@
 
 For each held-out story (never trained on), the instruction asks for what that story has (instruct_data's
 `requirements`, seeded per story): three of its words, one of its sentences, and dialogue when it has
-quoted speech, and its main character ("a cat named Pip") when the story introduces one so. Every model writes one story per instruction, at temperature --temperature, in two
-prompt formats: `fields` (Words: / Random sentence: / Features: lines, then Story:) and `request` (the
-same requirements as one plain-language request). A model that is not instruction-tuned (the base
+quoted speech, and its main character ("a cat named Pip") when the story introduces one so. Every model
+writes one story per instruction, at temperature --temperature, in two prompt formats: `fields` (Words: /
+Random sentence: / Features: lines, then Story:) and `request` (the same requirements as one plain-language
+request). A model that is not instruction-tuned (the base
 model) gets the same text as a plain prompt, which it continues: the baseline. Measured per model and
 format: the share of stories with all three words (any inflection: jump/jumped), each word, the
 sentence (case, punctuation and spacing ignored), dialogue when asked (and when not), the requested

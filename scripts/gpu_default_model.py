@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:  # run directly, without the .sh's PYTHONPATH
+    sys.path.insert(0, str(ROOT / "src"))
 H200_PEAK_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet); 790e12 measured on one here
 PART_BYTES = 15 << 20    # weights come back in files of at most 16 MiB
 
@@ -130,7 +132,6 @@ def run_phase(phase: dict, data: Path, work: Path, smoke: bool) -> dict:
 
 def score(model_dir: Path, heldout: Path, device: str) -> dict:
     """Held-out bits/byte and the suite's likelihood tests (cloze, grammar, continuation), seed 0."""
-    sys.path.insert(0, str(ROOT / "src"))
     from storygpt.evaluate import evaluate
     from storygpt.generate import load
     from storygpt.suite import cloze, continuation, grammar, load_cloze, read_stories

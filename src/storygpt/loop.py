@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 
 from . import distributed
 from .averaging import keep_snapshot
@@ -146,8 +145,7 @@ def evaluate(job: Job, state: LoopState, log: Callable[[dict], None]) -> float:
         ema_loss = validation_loss(job, job.ema.module)
         record |= {"ema_val_loss": ema_loss, "ema_val_bpb": ema_loss * job.bpb_scale}
     if job.epochs is not None:
-        record["epoch"] = round(job.epochs.epoch(state.step * job.cfg.train.grad_accum_steps,
-                                                 job.cfg.train.batch_size), 4)
+        record["epoch"] = round(job.epoch(state.step), 4)
     if job.instruction_pairs:  # instruction data: how much the model reads its instructions (log.jsonl)
         record["instruction_gain"] = instruction_gain(job.model, *job.instruction_pairs, job.device, job.amp)
     log(record)
@@ -336,7 +334,7 @@ def _log_step(job: Job, state: LoopState, session: Session, sums: torch.Tensor, 
     record = {"step": state.step, "tokens": state.tokens, "time": round(session.now(), 2), "lr": lr, "loss": loss,
               "tok_per_s": round(tps, 1)}
     if job.epochs is not None:
-        record["epoch"] = round(job.epochs.epoch(state.step * tc.grad_accum_steps, tc.batch_size), 4)
+        record["epoch"] = round(job.epoch(state.step), 4)
     log(record)
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
     if tc.max_time:  # a time-boxed run ends before max_steps: keep the ETA honest
@@ -371,8 +369,7 @@ def summary_of(job: Job, state: LoopState, params: int) -> dict:
         per_token = flops(job.cfg.train.seq_len) + sum(t.flops_per_token(job.cfg.train.seq_len) / 3 for t in job.teachers)
         summary["model_flops_per_s"] = round(state.tok_per_s * per_token)
     if job.epochs is not None:
-        summary["epochs"] = round(job.epochs.epoch(state.step * job.cfg.train.grad_accum_steps,
-                                                   job.cfg.train.batch_size), 3)
+        summary["epochs"] = round(job.epoch(state.step), 3)
     if job.teachers:
         summary["teachers"] = len(job.teachers)
     if job.d.world_size > 1:

@@ -74,6 +74,13 @@ class Job:
             return self.epochs.batch(index, tc.batch_size)
         return self.train_data.batch(index, tc.batch_size, tc.seq_len, tc.seed)
 
+    def epoch(self, step: int) -> float | None:
+        """Epochs of whole stories read before optimizer step `step` (train.sampling=epochs; else None)."""
+        if self.epochs is None:
+            return None
+        tc = self.cfg.train
+        return self.epochs.epoch(step * tc.grad_accum_steps, tc.batch_size)
+
     @property
     def fsdp(self) -> bool:
         return self.cfg.train.strategy == "fsdp" and self.d.active

@@ -20,11 +20,11 @@ from .config import RunConfig, build_config
 from .data import read_meta
 from .device import pick_device, pick_dtype
 from .distributed import Dist
+from .distill import teacher_paths
 from .errors import StoryGPTError
 from .loop import lr_at, make_optimizer  # noqa: F401 - storygpt.train's API (tests, benchmarks)
 from .model import Transformer
 from .runlog import plot_losses, read_log  # noqa: F401 - storygpt.train's API
-from .distill import teacher_paths
 from .runstate import branch_run, check_fit, check_new_run, load_run
 from .tokenizer import Tokenizer
 
