@@ -22,10 +22,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from common import alternate, header, median, peak_rss_bytes, reset_peak_rss, run_main, save, table
-from storygpt.device import DTYPES, cpu_has_native_bf16
-from storygpt.attention import blocked_attention, naive_attention
+
+from storygpt.model.attention import blocked_attention, naive_attention
+from storygpt.model.device import DTYPES, cpu_has_native_bf16
 
 B, H, D = 4, 4, 64
 KINDS = ("sdpa", "blocked", "naive")

@@ -32,14 +32,13 @@ from pathlib import Path
 from claims_report import write_claims
 from common import header, run_main
 
-from storygpt.checkpoint import LATEST, checkpoint_weights, load_checkpoint, save_model_dir
-from storygpt.data import expand_inputs, iter_stories, prepare, read_meta
+from storygpt.data import prepare, read_meta
+from storygpt.eval.suite import SuiteConfig, run_suite, split_story
 from storygpt.generate import load
-from storygpt.model import ModelConfig
-from storygpt.runlog import read_log
-from storygpt.suite import SuiteConfig, run_suite, split_story
-from storygpt.tokenizer import Tokenizer, train_tokenizer
-from storygpt.train import train
+from storygpt.model import ModelConfig, save_model_dir
+from storygpt.model.checkpoint import LATEST, checkpoint_weights, load_checkpoint
+from storygpt.text import Tokenizer, expand_inputs, iter_stories, train_tokenizer
+from storygpt.train import read_log, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
 WIDTHS = {f"w{d}": (d, 4) for d in (64, 128, 256, 512)}

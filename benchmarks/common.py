@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from storygpt.device import machine_description
 from storygpt.errors import StoryGPTError
+from storygpt.model.device import machine_description
 
 RESULTS = Path(__file__).parent / "results"
 

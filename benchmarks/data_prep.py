@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from common import header, median, run_main, save, table
-from storygpt.checkpoint import default_model_path
-from storygpt.data import iter_stories
-from storygpt.tokenizer import EOS_TEXT
+
+from storygpt.model import default_model_path
+from storygpt.text import EOS_TEXT, iter_stories
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinystories" / "train.txt"
 

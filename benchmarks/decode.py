@@ -38,12 +38,11 @@ import torch
 from common import alternate, header, median, run_main, save, table
 
 import storygpt
-from storygpt.data import expand_inputs, iter_stories
-from storygpt.device import DTYPES, pick_dtype
-from storygpt.evaluate import evaluate
-from storygpt.export import export_hf, export_llama2c
-from storygpt.quantize import weight_bytes
-from storygpt.tokenizer import EOS_TEXT
+from storygpt.convert.export import export_hf, export_llama2c
+from storygpt.eval import evaluate
+from storygpt.model import DTYPES, pick_dtype
+from storygpt.model.quantize import weight_bytes
+from storygpt.text import EOS_TEXT, expand_inputs, iter_stories
 
 HELDOUT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinystories" / "heldout.txt"
 

@@ -36,14 +36,21 @@ from pathlib import Path
 from common import header, run_main, save
 
 import storygpt
-from storygpt.batching import Done, Finish, Piece
-from storygpt.data import expand_inputs, iter_stories
-from storygpt.evaluate import evaluate
-from storygpt.instruct import header_prompt, request_prompt
-from storygpt.scoring import score_tokens
-from storygpt.instruct_data import (contains_sentence, contains_word, has_dialogue, is_main_character, request_text,
-                                    requirements)
-from storygpt.serve.engine import END, Engine
+from storygpt.data.instruct import request_text, requirements
+from storygpt.eval import evaluate
+from storygpt.eval.scoring import score_tokens
+from storygpt.generate.batching import Done, Finish, Piece
+from storygpt.generate.engine import END, Engine
+from storygpt.text import (
+    contains_sentence,
+    contains_word,
+    expand_inputs,
+    has_dialogue,
+    header_prompt,
+    is_main_character,
+    iter_stories,
+    request_prompt,
+)
 
 HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "heldout.txt"
 

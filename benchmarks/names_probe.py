@@ -18,12 +18,13 @@ import argparse
 import json
 from collections import Counter
 
-from storygpt import load, measures
-from storygpt.generation import sample
-from storygpt.selfsample import beginnings
-from storygpt.suite import SuiteConfig, load_prompts
-
 from common import run_main
+
+from storygpt import load
+from storygpt.eval import SuiteConfig, load_prompts
+from storygpt.eval.generation import sample
+from storygpt.eval.selfsample import beginnings
+from storygpt.text import measures
 
 
 def probe(path: str, prompts: list[str], cfg: SuiteConfig) -> dict:

@@ -35,10 +35,10 @@ from io import BytesIO
 from pathlib import Path
 
 import httpx
+from common import run_main
 from openai import APIStatusError, AsyncOpenAI
 
-from storygpt.device import machine_description
-from common import run_main
+from storygpt.model.device import machine_description
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parent.parent

@@ -27,12 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from common import alternate, header, matmul_peak, median, run_main, save, table
-from storygpt.config import preset as get_preset
-from storygpt.device import DTYPES, autocast, cpu_has_native_bf16
+
 from storygpt.model import ModelConfig, Transformer
-from storygpt.train import make_optimizer
+from storygpt.model.device import DTYPES, autocast, cpu_has_native_bf16
+from storygpt.train.config import preset as get_preset
+from storygpt.train.pretrain import make_optimizer
 
 CPU = torch.device("cpu")
 

@@ -132,9 +132,9 @@ def run_phase(phase: dict, data: Path, work: Path, smoke: bool) -> dict:
 
 def score(model_dir: Path, heldout: Path, device: str) -> dict:
     """Held-out bits/byte and the suite's likelihood tests (cloze, grammar, continuation), seed 0."""
-    from storygpt.evaluate import evaluate
+    from storygpt.eval import evaluate
+    from storygpt.eval.suite import cloze, continuation, grammar, load_cloze, read_stories
     from storygpt.generate import load
-    from storygpt.suite import cloze, continuation, grammar, load_cloze, read_stories
 
     out = {"heldout_bpb": evaluate(model_dir, text=[str(heldout)], device=device, dtype="fp32")["bits_per_byte"]}
     model = load(str(model_dir), device=device, dtype="fp32")

@@ -1,18 +1,25 @@
-"""Shared fixtures: a seeded generator of simple stories, and a tokenizer + prepared data made from it.
+"""Shared fixtures (a seeded generator of simple stories, a tokenizer and prepared data made from it, a tiny run)
+and helpers (`run_cli`, `running`: an app served on a loopback port, `wait_until`).
 
-Tests never read ../shared: everything they train on is generated here.
+Tests never train on ../shared: everything they train on is generated here (only tests/convert/test_import.py looks
+there, for llama2.c's stories260K, and skips without it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import uvicorn
 
-from storygpt.cli import main
-from storygpt.data import prepare
-from storygpt.tokenizer import EOS_TEXT, train_tokenizer
+from storygpt.cli.main import main
+from storygpt.data.prepare import prepare
+from storygpt.serve import listen
+from storygpt.text.tokenizer import EOS_TEXT, train_tokenizer
 
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Anna", "Tim", "Lucy", "Sam"]
 ANIMALS = ["dog", "cat", "bird", "frog", "bunny", "bear", "duck", "fish"]
@@ -84,8 +91,33 @@ def data_dir(tmp_path_factory, story_file, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, data_dir) -> Path:
     """A tiny model trained for a few seconds on the generated stories."""
-    from storygpt.train import train
+    from storygpt.train.pretrain import train
 
     run = tmp_path_factory.mktemp("tinyrun") / "run"
     train(data_dir, run, preset="tiny", max_steps=150, progress=False, overrides=["eval_interval=50", "eval_iters=2"])
     return run
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

@@ -8,9 +8,10 @@ import struct
 import numpy as np
 import torch
 
-from storygpt.checkpoint import save_model_dir
-from storygpt.model import ModelConfig, Transformer
-from storygpt.tokenizer import Tokenizer
+from storygpt.model.config import ModelConfig
+from storygpt.model.model_dir import save_model_dir
+from storygpt.model.transformer import Transformer
+from storygpt.text.tokenizer import Tokenizer
 
 SHAPES = {
     "tied": dict(dim=64, n_layers=2, n_heads=4),

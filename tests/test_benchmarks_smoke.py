@@ -80,8 +80,8 @@ def test_names_probe_dev_beginnings_and_bad_model_exit_2(tmp_path):
     test_selfsample.py); a bad --model is one line and exit code 2 (benchmarks/common.run), not a traceback."""
     import json
 
-    from storygpt.data import prepare
-    from storygpt.tokenizer import EOS_TEXT
+    from storygpt.data.prepare import prepare
+    from storygpt.text.tokenizer import EOS_TEXT
 
     stories = [f"Story {i}: " + " ".join(f"Tim saw {i} red birds and a dog." for _ in range(8)) for i in range(12)]
     stories.insert(3, "Too short to use.")

@@ -2,16 +2,27 @@
 
 - schemas.py: the request and response bodies (pydantic models, OpenAI's names, our bounds);
 - routes.py: the FastAPI app (`create_app`): handlers, Server-Sent Events, errors, the API key;
-- engine.py: one `Engine` per model: a decoding thread that decodes every running request together;
+- `Engine` (storygpt.generate.engine, re-exported here): one decoding thread per model, every request together;
 - models.py: loading and naming the models (`load_models`);
 - server.py: `serve()` (the listening socket, uvicorn).
 """
 
-from .engine import Engine, QueueFull, Ticket, TooManyStories, default_slots
+from storygpt.generate.engine import Engine, QueueFull, Ticket, TooManyStories, default_slots
+
+from .errors import APIError, BodyLimit
 from .models import load_models, model_name
-from .routes import APIError, BodyLimit, create_app
-from .schemas import (MAX_BODY_BYTES, MAX_MESSAGES, MAX_N, MAX_PROMPT_CHARS, MAX_SEED, MAX_STOP, MAX_STOP_CHARS,
-                      ChatCompletionRequest, CompletionRequest)
+from .routes import create_app
+from .schemas import (
+    MAX_BODY_BYTES,
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 from .server import is_loopback, listen, serve
 
 __all__ = ["APIError", "BodyLimit", "ChatCompletionRequest", "CompletionRequest", "Engine", "MAX_BODY_BYTES",

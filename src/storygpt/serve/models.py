@@ -8,9 +8,9 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..checkpoint import instruct_model_installed
-from ..errors import StoryGPTError
-from ..generate import StoryModel, load
+from storygpt.errors import StoryGPTError
+from storygpt.generate.story_model import StoryModel, load
+from storygpt.model.load import instruct_model_installed
 
 DEFAULT_MODEL_NAME = "storygpt-default"
 INSTRUCT_MODEL_NAME = "storygpt-instruct"

@@ -2,9 +2,8 @@
 
 Any OpenAI client, UI or script can talk to it by changing its base URL. The pieces:
 
-- Requests are the pydantic models of schemas.py. Every error, including validation errors (400, as OpenAI
-  answers), has OpenAI's body: `{"error": {"message", "type", "param", "code"}}`.
-- Each model has an `Engine` (engine.py): one decoding thread that decodes every running request's stories
+- Requests are the pydantic models of schemas.py; errors have OpenAI's body (errors.py).
+- Each model has an `Engine` (storygpt.generate.engine): one decoding thread that decodes every running request's stories
   together, one token per step (continuous batching), with up to `max_concurrency` stories in its slots and
   up to `max_queue` requests waiting for slots; beyond that a request is refused at once with 503 and
   Retry-After, so an overloaded server answers instead of hanging. The event loop only moves text.
@@ -22,123 +21,51 @@ import contextlib
 import hmac
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..batching import Done, Event, Finish, Piece
-from ..errors import StoryGPTError
-from ..generate import StoryModel, StoryStart
-from ..instruct import request_prompt
-from .engine import Engine, QueueFull, Ticket, TooManyStories
+from storygpt.errors import StoryGPTError
+from storygpt.generate.batching import Done, Event, Finish, Piece
+from storygpt.generate.engine import Engine, QueueFull, Ticket, TooManyStories
+from storygpt.generate.story_model import StoryModel, StoryStart
+from storygpt.text.instruct import request_prompt
+
+from .errors import APIError, BodyLimit, install_error_handlers
 from .models import check_names, load_models
-from .schemas import (ERRORS, MAX_BODY_BYTES, MAX_N, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                      ChatMessage, Completion, CompletionChunk, CompletionRequest, ErrorBody, Health, ModelCard,
-                      ModelList, SamplingRequest, chunk_choice, choice, header, openapi_schema, sampling_options, sse,
-                      stream_doc, usage, value)
+from .schemas import (
+    ERRORS,
+    MAX_N,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Completion,
+    CompletionChunk,
+    CompletionRequest,
+    ErrorBody,
+    Health,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    choice,
+    chunk_choice,
+    header,
+    openapi_schema,
+    sampling_options,
+    sse,
+    stream_doc,
+    usage,
+    value,
+)
 
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25
 log = logging.getLogger("storygpt.serve")
-FIELD_RE = re.compile(r"(?!(str|int|float|bool|list|dict)$)[a-z_][a-z0-9_]*")  # a field, not a union branch
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-
-def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """OpenAI-style message and param for the most telling problem pydantic found. A value that fails a union
-    (e.g. `stop`: a string or a list) fails every branch; a broken constraint (a list too long) says more than
-    "should be a string", so those come first; the messages of all branches at the same place are joined."""
-    errors = exc.errors()
-    if errors and errors[0].get("type") == "json_invalid":
-        return f"the body is not valid JSON ({errors[0].get('ctx', {}).get('error', 'parse error')})", None
-    errors = sorted(errors, key=lambda e: e.get("type", "").endswith("_type") or e.get("type") == "none_required")
-    place = _error_place(errors[0])
-    messages = list(dict.fromkeys(e.get("msg", "invalid value") for e in errors if _error_place(e) == place))
-    return f"{place or 'request body'}: {' or '.join(messages)}", place or None
-
-
-def _error_place(error: dict) -> str:
-    """'messages.0.content' from pydantic's location, without 'body' and the names of union branches."""
-    loc = error.get("loc", ())
-    return ".".join(str(x) for x in loc if isinstance(x, int) or (x != "body" and re.fullmatch(FIELD_RE, x)))
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(400, message, param=param)
-
-    @app.exception_handler(StoryGPTError)
-    async def bad_value(request: Request, exc: StoryGPTError) -> JSONResponse:
-        return error_response(400, str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, str(exc.detail), type, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, "internal server error", "server_error")
-
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes (413 by Content-Length; a chunked body that grows past
-    it fails while being read, which FastAPI answers with 400), so a client cannot make the server buffer
-    gigabytes of JSON."""
-
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            response = error_response(413, f"the body is larger than {self.limit} bytes", code="body_too_large")
-            return await response(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise APIError(413, f"the body is larger than {self.limit} bytes", code="body_too_large")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +124,6 @@ async def until_disconnected(request: Request, work: Any) -> Any:
                 return None
     finally:
         task.cancel()
-
 
 
 async def sse_events(events: AsyncIterator[Event], chat: bool, model: str, choices: int,
@@ -279,7 +205,6 @@ def _last_user_message(messages: list[ChatMessage]) -> str:
     raise APIError(400, "messages must contain a user message (its content is the story prompt)", param="messages")
 
 
-
 def _pick_model(models: Mapping[str, StoryModel], name: str | None) -> tuple[str, StoryModel]:
     """The model a request names (default: the first). Only a key into the loaded models: never a path."""
     if name is None:
@@ -289,7 +214,6 @@ def _pick_model(models: Mapping[str, StoryModel], name: str | None) -> tuple[str
     shown = name if len(name) <= 64 else name[:64] + "..."
     raise APIError(404, f"the model {shown!r} does not exist; this server has: {', '.join(models)}",
                    param="model", code="model_not_found")
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,7 +240,7 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
     app = FastAPI(title="storygpt", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible API for small story-telling language models.")
     app.add_middleware(BodyLimit)
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.state.engines, app.state.models = engines, models
     guard = [Depends(_bearer_check(api_key))] if api_key else []
     auth_errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if api_key else {}
@@ -408,7 +332,7 @@ def _card(name: str, model: StoryModel, created: int) -> dict:
 
 
 def _version() -> str:
-    from .. import __version__
+    from storygpt import __version__
 
     return __version__
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
-from ..sampling import MAX_NEW_TOKENS, SamplingOptions
+from storygpt.generate.sampling import MAX_NEW_TOKENS, SamplingOptions
 
 MAX_N = 16                   # stories per request (n x number of prompts)
 MAX_PROMPT_CHARS = 32_000    # checked before tokenizing; the token limit is the model's context

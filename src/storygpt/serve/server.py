@@ -8,7 +8,8 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from ..errors import StoryGPTError
+from storygpt.errors import StoryGPTError
+
 from .models import load_models
 from .routes import create_app
 

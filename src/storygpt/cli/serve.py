@@ -1,0 +1,61 @@
+"""The `storygpt serve` (the OpenAI-compatible HTTP API) and `storygpt app` (the web app).
+
+Each command's parser next to what it does; the handlers import what they use when they run, so that
+`storygpt --help` stays fast."""
+
+from __future__ import annotations
+
+import os
+
+from storygpt.errors import StoryGPTError
+
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not")
+    s.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
+                   help="model or run directory, repeatable; named after its folder (default: the shipped model, "
+                        "storygpt-default, and storygpt-instruct when installed; 'default', 'instruct' name them)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $STORYGPT_API_KEY)")
+    s.add_argument("--max-concurrency", type=int, default=None,
+                   help="stories each model decodes at once, batched: its engine's slots (default 64, fewer for "
+                        "models whose KV cache would pass 1 GiB)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for slots; more get 503")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="weights (int8: weight-only int8 matrices on CPU, a quarter of fp32's memory)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile'd steps, compiled at start for every batch size (1, 2, 4, ... up "
+                        "to --max-concurrency)")
+    s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("app", help="the web app: type a prompt, watch a story being written")
+    a.add_argument("--model", action="append", default=None, help="model or run directory (repeatable; "
+                   "default: the shipped models: default, and instruct when installed)")
+    a.add_argument("--models-dir", help="offer every model or run folder inside this directory")
+    a.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    a.add_argument("--port", type=int, default=8501)
+    a.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile'd steps: ~2x the words/s after a compile when a model loads")
+    a.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="weights' precision, as for generate (int8: CPU only)")
+    a.set_defaults(func=cmd_app)
+
+
+def cmd_serve(args) -> None:
+    from storygpt.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("STORYGPT_API_KEY"),
+          max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
+          log_level=args.log_level, compile=args.compile)
+
+
+def cmd_app(args) -> None:
+    from storygpt.app.launch import launch
+
+    code = launch(args.model, args.models_dir, host=args.host, port=args.port, compile=args.compile, dtype=args.dtype)
+    if code not in (0, -15):
+        raise StoryGPTError(f"the web app stopped with exit code {code}")
