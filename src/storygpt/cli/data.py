@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 
-from .options import Parser, suite_sampling
+from .options import Parser, stories_in_out, suite_sampling
 
 
 def add_commands(sub) -> None:
@@ -40,11 +40,9 @@ def add_commands(sub) -> None:
     d.set_defaults(func=cmd_data_prepare)
     dr = data.add_parser("rename", help="the same stories with a share of them renamed: each character whose "
                                         "gender is known gets a new name, the same at every use")
-    dr.add_argument("--input", nargs="+", required=True, help="TinyStories .txt, .json/.jsonl files or folders")
-    dr.add_argument("--out", required=True, help="the stories, in TinyStories .txt format")
+    stories_in_out(dr, "the stories, in TinyStories .txt format")
     dr.add_argument("--share", type=float, default=0.8, help="share of stories whose characters are renamed")
     dr.add_argument("--seed", type=int, default=0)
-    dr.add_argument("--field", default=None)
     dr.set_defaults(func=cmd_data_rename)
     ds = data.add_parser("sample", help="the model's own stories, kept when they pass the suite's checks (names "
                                         "kept, English words, an ending, no loop): rejection sampling, to fine-tune on")
@@ -63,13 +61,11 @@ def add_commands(sub) -> None:
     ds.set_defaults(func=cmd_data_sample)
     di = data.add_parser("instruct", help="turn stories into TinyStories-Instruct records (words, sentence, "
                                           "features, or a request in plain language; then `data prepare`)")
-    di.add_argument("--input", nargs="+", required=True, help="TinyStories .txt, .json/.jsonl files or folders")
-    di.add_argument("--out", required=True, help="the records, in TinyStories .txt format")
+    stories_in_out(di, "the records, in TinyStories .txt format")
     di.add_argument("--seed", type=int, default=0)
     di.add_argument("--request-share", type=float, default=0.5,
                     help="share of records that state their requirements as a request in plain language")
     di.add_argument("--copies", type=int, default=1, help="records per story (different draws)")
-    di.add_argument("--field", default=None)
     di.set_defaults(func=cmd_data_instruct)
     dl = data.add_parser("download", help="download TinyStories from the Hugging Face Hub (cached, verified)")
     dl.add_argument("dataset", choices=["tinystories"])

@@ -1,5 +1,5 @@
 """What the command groups' parsers share: the parser class that turns argparse's errors into one line and exit
-code 2, and the suite's sampling options."""
+code 2, and the options that recur."""
 
 from __future__ import annotations
 
@@ -19,3 +19,11 @@ def suite_sampling(parser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+
+
+def stories_in_out(parser, out_help: str) -> None:
+    """--input, --field and --out of the commands that turn stories into other stories (`data rename`,
+    `data instruct`)."""
+    parser.add_argument("--input", nargs="+", required=True, help="TinyStories .txt, .json/.jsonl files or folders")
+    parser.add_argument("--field", default=None, help="JSON field holding the story (default: story, then text)")
+    parser.add_argument("--out", required=True, help=out_help)
