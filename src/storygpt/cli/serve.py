@@ -12,13 +12,18 @@ from storygpt.errors import StoryGPTError
 
 
 def add_commands(sub) -> None:
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not",
+                       description="OpenAI-compatible HTTP API: completions and chat, streamed or not. GET /metrics "
+                                   "gives Prometheus metrics on the same port, behind --api-key when one is set "
+                                   "(they show how the server is used; Prometheus sends the key with "
+                                   "`authorization: {credentials: KEY}`); GET /health needs no key.")
     s.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
                    help="model or run directory, repeatable; named after its folder (default: the shipped model, "
                         "storygpt-default, and storygpt-instruct when installed; 'default', 'instruct' name them)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="0 = any free port")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $STORYGPT_API_KEY)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' for /v1/* and /metrics (default: "
+                                                    "$STORYGPT_API_KEY)")
     s.add_argument("--max-concurrency", type=int, default=None,
                    help="stories each model decodes at once, batched: its engine's slots (default 64, fewer for "
                         "models whose KV cache would pass 1 GiB)")
@@ -30,6 +35,10 @@ def add_commands(sub) -> None:
     s.add_argument("--compile", action="store_true",
                    help="decode with torch.compile'd steps, compiled at start for every batch size (1, 2, 4, ... up "
                         "to --max-concurrency)")
+    s.add_argument("--drain-timeout", type=float, default=30, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C: refuse new requests (503), give the running stories this long to "
+                        "finish, end the rest with finish_reason 'length', then exit 0 (default 30; a second "
+                        "signal ends them at once)")
     s.set_defaults(func=cmd_serve)
 
     a = sub.add_parser("app", help="the web app: type a prompt, watch a story being written")
@@ -50,7 +59,7 @@ def cmd_serve(args) -> None:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("STORYGPT_API_KEY"),
           max_concurrency=args.max_concurrency, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-          log_level=args.log_level, compile=args.compile)
+          log_level=args.log_level, compile=args.compile, drain_timeout=args.drain_timeout)
 
 
 def cmd_app(args) -> None:

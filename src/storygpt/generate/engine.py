@@ -15,6 +15,10 @@ threads (the server's event loop, the app's sessions):
 - A finished story frees its slots at once; `Ticket.close()` (the client went away) takes the request out
   of the queue, or out of the batch at the next step. Either way the slots serve waiting requests at the
   next step.
+- Shutting down gracefully: `drain()` refuses new requests (`ShuttingDown`) while the running and waiting
+  ones go on; `end_all()` then ends every story at its next token with finish_reason "length" (a story not
+  started yet gets one token), as if its max_tokens were reached; `idle` says when none is left.
+- An `Observer` hears of each decoding step and each finished story (the server's metrics).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
 
 from storygpt.errors import StoryGPTError
 
@@ -43,8 +49,22 @@ class QueueFull(StoryGPTError):
     """Every slot is busy and `max_queue` requests are waiting."""
 
 
+class ShuttingDown(QueueFull):
+    """The engine is draining or closed: it takes no new requests."""
+
+
 class TooManyStories(StoryGPTError):
     """A request asks for more stories at once than the engine has slots."""
+
+
+class Observer:
+    """What an engine reports, on its decoding thread (the server's metrics: serve/metrics.py); this one ignores it."""
+
+    def step(self, rows: int) -> None:
+        """A decoding step over `rows` samples (the slots in use: the batch size)."""
+
+    def story(self, stats: dict, waited_s: float) -> None:
+        """A story ended (all its samples): its figures (`Story.stats`) and the seconds it waited for slots."""
 
 
 def default_slots(model: StoryModel) -> int:
@@ -88,10 +108,13 @@ class Ticket:
         self.cancelled = False
         self.unfinished = 0
         self.outbox: list = []  # this step's events (decoding thread only)
+        self.t0 = time.perf_counter()
 
     def emit(self, event: Event) -> None:
         self.outbox.append(event)
         if isinstance(event, Done):
+            started = time.perf_counter() - event.stats["seconds"]  # when the story got its slots
+            self.engine.observer.story(event.stats, max(0.0, started - self.t0))
             self.unfinished -= 1
             if not self.unfinished:
                 self.outbox.append(END)
@@ -103,11 +126,12 @@ class Ticket:
 
 class Engine:
     def __init__(self, model: StoryModel, slots: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK, name: str = "model"):
+                 prefill_chunk: int = PREFILL_CHUNK, name: str = "model", observer: Observer | None = None):
         slots = default_slots(model) if slots is None else slots
         if slots < 1 or max_queue < 0:
             raise StoryGPTError(f"max_concurrency must be >= 1 and max_queue >= 0, got {slots}, {max_queue}")
         self.model, self.slots, self.max_queue, self.name = model, slots, max_queue, name
+        self.observer = observer or Observer()
         self.batcher = Batcher(model, slots, prefill_chunk)
         self._cond = threading.Condition()
         self._queue: deque[Story] = deque()  # waiting for slots, first come first served
@@ -118,6 +142,18 @@ class Engine:
         self.steps = 0
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.draining = False  # drain(): no new requests
+        self._ending = False   # end_all(): every story ends at its next token
+
+    @property
+    def free_slots(self) -> int:
+        """Slots not given to a story."""
+        return self._free
+
+    @property
+    def idle(self) -> bool:
+        """No request running or waiting."""
+        return self.running + self.waiting == 0
 
     # --- any thread ------------------------------------------------------------------------
     def submit(self, prompts: Sequence[str], n: int, options: dict, deliver: Callable[[list], None]) -> Ticket:
@@ -133,8 +169,8 @@ class Engine:
             ticket.stories.append(story)
         ticket.unfinished = len(ticket.stories)
         with self._cond:
-            if self._closed:
-                raise QueueFull("the server is shutting down")
+            if self._closed or self.draining:
+                raise ShuttingDown("the server is shutting down; retry on another one")
             if (self._queue or n > self._free) and self.waiting >= self.max_queue:
                 raise QueueFull(f"the server is busy ({self.running} running, {self.waiting} waiting); retry later")
             self.waiting += 1
@@ -203,6 +239,18 @@ class Engine:
         """Compile the decoding step for all the batch sizes it will see (compiled models only)."""
         self.batcher.warm_up()
 
+    def drain(self) -> None:
+        """Take no new requests (`submit` raises ShuttingDown); the running and waiting ones go on."""
+        with self._cond:
+            self.draining = True
+
+    def end_all(self) -> None:
+        """Drain, and end every request at its next step: each story with the text it has and finish_reason
+        "length" (one not started yet gets its first token), as if its max_tokens were reached."""
+        with self._cond:
+            self.draining = self._ending = True
+            self._cond.notify()
+
     def close(self) -> None:
         """Stop decoding: every request still open ends with an error."""
         with self._cond:
@@ -211,7 +259,7 @@ class Engine:
             self._queue.clear()
             self._cond.notify()
         for ticket in waiting:
-            ticket.deliver([QueueFull("the server is shutting down"), END])
+            ticket.deliver([ShuttingDown("the server is shutting down"), END])
 
     # --- the decoding thread ----------------------------------------------------------------
     def _admit(self) -> None:
@@ -240,6 +288,9 @@ class Engine:
                     self._cond.wait()
                 if self._closed:
                     break
+                if self._ending:
+                    for story in [*batcher.stories, *self._joining, *self._queue]:
+                        _end_soon(story)
                 leaving, self._leaving = self._leaving, []
                 for ticket in leaving:  # given slots but not started yet
                     for story in ticket.stories:
@@ -265,8 +316,10 @@ class Engine:
                 for story in joining:
                     batcher.add(story)
                 if batcher.stories:
+                    rows = batcher.slots - batcher.free_slots
                     batcher.step()
                     self.steps += 1
+                    self.observer.step(rows)
             except Exception as exc:  # noqa: BLE001 - every request in the batch gets it
                 log.exception("decoding failed")
                 for story in list(batcher.stories):
@@ -298,4 +351,11 @@ class Engine:
             ending = {story.ticket: None for story in batcher.stories + self._joining}
             self._joining = []
         for ticket in ending:
-            ticket.deliver([QueueFull("the server is shutting down"), END])
+            ticket.deliver([ShuttingDown("the server is shutting down"), END])
+
+
+def _end_soon(story: Story) -> None:
+    """Make the story's next token its last (finish_reason "length"); one not started yet makes one token."""
+    made = story.generated if story.started else 0
+    if story.opts.max_new_tokens > made + 1:
+        story.opts = replace(story.opts, max_new_tokens=made + 1)

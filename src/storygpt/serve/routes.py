@@ -10,8 +10,10 @@ Any OpenAI client, UI or script can talk to it by changing its base URL. The pie
 - When the client goes away (mid-stream, while queued, or during a non-streamed request) its request leaves
   the queue, or the batch at the next step.
 - Safety: the `model` field is only a key into the models loaded at start (a path in it is never opened),
-  an optional bearer key guards `/v1/*`, and prompt length, body size, `max_tokens`, `n` and `stop` are
-  bounded.
+  an optional bearer key guards `/v1/*` and `/metrics`, and prompt length, body size, `max_tokens`, `n` and
+  `stop` are bounded.
+- `GET /metrics`: Prometheus' text format (metrics.py). While the server drains (drain.py), new requests get
+  503 and `/health` says "draining".
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from storygpt.errors import StoryGPTError
 from storygpt.generate.batching import Done, Event, Finish, Piece
-from storygpt.generate.engine import Engine, QueueFull, Ticket, TooManyStories
+from storygpt.generate.engine import Engine, QueueFull, ShuttingDown, Ticket, TooManyStories
 from storygpt.generate.story_model import StoryModel, StoryStart
 from storygpt.text.instruct import request_prompt
 
 from .errors import APIError, BodyLimit, install_error_handlers
+from .metrics import install_metrics
 from .models import check_names, load_models
 from .schemas import (
     ERRORS,
@@ -244,14 +247,16 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
     app.state.engines, app.state.models = engines, models
     guard = [Depends(_bearer_check(api_key))] if api_key else []
     auth_errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if api_key else {}
+    app.state.metrics = install_metrics(app, engines, guard)
 
     @app.get("/health", response_model=Health, tags=["server"])
     async def health() -> dict:
         """Liveness and load (no key needed): requests decoding and waiting, over all models; the limits are
-        per model."""
-        return {"status": "ok", "models": list(models), "running": sum(e.running for e in engines.values()),
-                "waiting": sum(e.waiting for e in engines.values()), "max_concurrency": default_engine.slots,
-                "max_queue": max_queue}
+        per model. "draining": shutting down, new requests get 503."""
+        draining = any(e.draining for e in engines.values())
+        return {"status": "draining" if draining else "ok", "models": list(models),
+                "running": sum(e.running for e in engines.values()), "waiting": sum(e.waiting for e in engines.values()),
+                "max_concurrency": default_engine.slots, "max_queue": max_queue}
 
     @app.get("/v1/models", response_model=ModelList, dependencies=guard, responses=auth_errors, tags=["openai"])
     async def list_models() -> dict:
@@ -281,6 +286,7 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
     async def _complete(request: Request, body: SamplingRequest, prompts: list[str], param: str, chat: bool,
                         echo: bool, story: bool = False) -> Any:
         name, model = _pick_model(models, body.model)
+        request.state.model = name  # for the request counter (metrics.py)
         n = value(body, "n")
         if len(prompts) * n > MAX_N:
             raise APIError(400, f"n x prompts must be at most {MAX_N}, got {n} x {len(prompts)}", param="n",
@@ -305,7 +311,7 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
             return EventStream(sse_events(events, chat, name, choices, include_usage), ticket)
         try:
             result = await until_disconnected(request, collect(events, choices))
-        except QueueFull as exc:  # shutting down
+        except QueueFull as exc:  # closed while it ran
             raise _busy(exc) from None
         except (APIError, StoryGPTError):
             raise
@@ -324,7 +330,9 @@ def create_app(models: Mapping[str, StoryModel] | Sequence[str | os.PathLike], a
     return app
 
 def _busy(exc: QueueFull) -> APIError:
-    return APIError(503, str(exc), "server_error", code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+    """503: the queue is full, or the server is shutting down (then another server may take the request)."""
+    code = "server_shutting_down" if isinstance(exc, ShuttingDown) else "server_busy"
+    return APIError(503, str(exc), "server_error", code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _card(name: str, model: StoryModel, created: int) -> dict:

@@ -1,6 +1,6 @@
 """The HTTP API's bodies: requests as pydantic models with OpenAI's field names and our bounds (so that
-`/openapi.json` documents what the server really accepts; `top_k` and `repetition_penalty` are extensions),
-the responses and streamed chunks, and OpenAI's error body."""
+`/openapi.json` documents what the server really accepts; `top_k`, `repetition_penalty`, `guide` and
+`ignore_eos` are extensions), the responses and streamed chunks, and OpenAI's error body."""
 
 from __future__ import annotations
 
@@ -83,6 +83,8 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float | None = Field(1.0, gt=0, le=10, description="extension: CTRL-style; 1 = off")
     guide: bool | None = Field(True, description="extension: an instruct model's story is steered toward the "
                                                  "words and the sentence its request asks for; false = off")
+    ignore_eos: bool | None = Field(False, description="extension (as vLLM's): never end at the end-of-story "
+                                                       "token, only at max_tokens or a stop string (benchmarks)")
     presence_penalty: float | None = Field(0, ge=0, le=0, description="not supported: only 0")
     frequency_penalty: float | None = Field(0, ge=0, le=0, description="not supported: only 0")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: only empty")
@@ -220,7 +222,7 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "draining"]
     models: list[str]
     running: int
     waiting: int
@@ -253,7 +255,7 @@ def sampling_options(body: SamplingRequest, max_tokens: int) -> dict:
     options = {"max_new_tokens": max_tokens, "temperature": value(body, "temperature"),
                "top_k": max(0, value(body, "top_k")), "top_p": value(body, "top_p"),
                "repetition_penalty": value(body, "repetition_penalty"), "seed": body.seed, "stop": stop,
-               "guide": value(body, "guide")}
+               "guide": value(body, "guide"), "ignore_eos": value(body, "ignore_eos")}
     SamplingOptions(**options).validate()  # raises StoryGPTError -> 400
     return options
 
@@ -292,7 +294,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 # --------------------------------------------------------------------------------------------
 ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in [
     (400, "invalid request: a wrong type or value, invalid JSON, a prompt longer than the context"),
-    (404, "unknown model"), (413, "body too large"), (503, "queue full: retry after `Retry-After` seconds")]}
+    (404, "unknown model"), (413, "body too large"),
+    (503, "queue full, or the server is shutting down: retry after `Retry-After` seconds")]}
 
 
 def stream_doc(chunk: type[BaseModel]) -> dict:

@@ -1,4 +1,5 @@
-"""Running `storygpt serve`: load the models, bind the port, then serve the app with uvicorn."""
+"""Running `storygpt serve`: load the models, bind the port, then serve the app with uvicorn until SIGTERM or
+Ctrl-C, which drain it (drain.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 
 from storygpt.errors import StoryGPTError
 
+from .drain import DrainingServer
 from .models import load_models
 from .routes import create_app
 
@@ -41,8 +43,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(models: Sequence[str | os.PathLike | None] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_concurrency: int | None = None, max_queue: int = 64, device: str = "auto",
-          dtype: str = "auto", log_level: str = "info", compile: bool = False) -> None:
-    """Load the models, then serve them until Ctrl-C. Bad models or a busy port fail before anything starts.
+          dtype: str = "auto", log_level: str = "info", compile: bool = False, drain_timeout: float = 30) -> None:
+    """Load the models, then serve them until SIGTERM or Ctrl-C. Bad models or a busy port fail before anything
+    starts. At the signal the server drains: no new requests (503), the running ones get up to `drain_timeout`
+    seconds to finish, the rest end with finish_reason "length"; then it returns.
 
     max_concurrency: stories each model decodes at once (its engine's slots; default 64, fewer for models
     whose KV cache would pass 1 GiB). compile=True decodes with torch.compile'd steps: each model compiles its
@@ -50,6 +54,8 @@ def serve(models: Sequence[str | os.PathLike | None] | None = None, host: str = 
     import torch
     import uvicorn
 
+    if not 0 <= drain_timeout <= 86400:
+        raise StoryGPTError(f"--drain-timeout must be in [0, 86400] seconds, got {drain_timeout:g}")
     loaded = load_models(models, device=device, dtype=dtype, compile=compile)
     app = create_app(loaded, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue)
     sock = listen(host, port)
@@ -67,4 +73,4 @@ def serve(models: Sequence[str | os.PathLike | None] | None = None, host: str = 
     print(f"storygpt serve: http://{shown}:{sock.getsockname()[1]}/v1 (models: {', '.join(loaded)}; "
           f"{slots} stories at once, queue {max_queue}{'; API key required' if api_key else ''})", flush=True)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    DrainingServer(config, app.state.engines.values(), drain_timeout).run(sockets=[sock])
