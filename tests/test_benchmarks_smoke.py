@@ -46,6 +46,25 @@ def test_serve_load_smoke():
     assert "| 8 | 8 | 8 |" in out.stdout and out.stdout.strip().endswith("| 0 |")
 
 
+def test_soak_smoke(tmp_path):
+    """A one-minute soak of `storygpt serve` with the shipped model: every kind of request sent, each answered as it
+    should be (or refused with 503), and RSS at the end within 10% of RSS after the warm-up (45 s of the 60)."""
+    import json
+
+    out = subprocess.run([sys.executable, BENCHMARKS / "soak.py", "--duration", "60", "--out", tmp_path],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads((tmp_path / "soak.json").read_text())
+    kinds = {"completion", "chat", "completion_stream", "chat_stream", "n", "stop", "disconnect", "malformed"}
+    assert set(r["counts"]) == kinds and all(sum(r["counts"][k].values()) > 0 for k in kinds), r["counts"]
+    assert r["totals"]["requests"] == sum(n for c in r["counts"].values() for n in c.values())
+    assert r["totals"]["ok"] > 0 and set(r["counts"]["malformed"]) == {"rejected_4xx"}
+    assert r["failed_checks"] == [] and r["passed"]
+    rss = r["rss_check"]
+    assert rss["passed"] and rss["warmup_s"] == 45 and abs(rss["rss_end_mb"] / rss["rss_after_warmup_mb"] - 1) <= 0.1
+    assert len(r["series"]["rss_mb"]) >= 55 and (tmp_path / "soak.png").stat().st_size > 0
+
+
 def test_instruct_smoke(story_file):
     """The instruction-following benchmark on the shipped instruct model against the shipped base model."""
     out = subprocess.run([sys.executable, BENCHMARKS / "instruct.py", "--smoke", "--model", "base=default",

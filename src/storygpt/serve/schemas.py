@@ -133,20 +133,22 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class Choice(BaseModel):
+    """What every choice has; each kind adds its text, message or delta."""
     index: int
-    text: str
     logprobs: None = None
     finish_reason: Literal["stop", "length"]
 
 
-class Completion(BaseModel):
+class ChunkChoice(Choice):
+    finish_reason: Literal["stop", "length"] | None  # None until the story's last chunk
+
+
+class Response(BaseModel):
+    """What every response has; each kind adds its object name, choices and usage."""
     id: str
-    object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChoice]
-    usage: Usage
 
 
 class AssistantMessage(BaseModel):
@@ -154,55 +156,47 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionChunkChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class CompletionChunk(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
-
-
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class CompletionChoice(Choice):
+    text: str
+
+
+class ChatChoice(Choice):
+    message: AssistantMessage
+
+
+class CompletionChunkChoice(ChunkChoice):
+    text: str
+
+
+class ChatChunkChoice(ChunkChoice):
     delta: Delta
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class Completion(Response):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatCompletion(Response):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunk(Response):
+    object: Literal["text_completion"]
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatCompletionChunk(Response):
     object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
