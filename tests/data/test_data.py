@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import make_stories, write_tinystories
+from conftest import make_stories, run_cli, write_tinystories
 
 from storygpt.data.prepare import prepare, token_dtype
 from storygpt.data.shards import TokenData
@@ -117,3 +117,19 @@ def test_prepare_memory_does_not_grow_with_input(tmp_path, tokenizer_dir):
     assert len(meta["splits"]["train"]["shards"]) >= 8
     growth = peaks[1] - peaks[0]
     assert growth < 0.5 * (big.stat().st_size - small.stat().st_size), (peaks, growth)
+
+
+def test_prepare_never_replaces_a_folder_that_is_not_prepared_data(tmp_path, tokenizer_dir, capsys):
+    """--out over a folder of stories (a download) is refused, and the folder keeps its files; over prepared data
+    (a second run) it is replaced."""
+    (tmp_path / "data" / "tinystories").mkdir(parents=True)
+    stories = write_tinystories(tmp_path / "data" / "tinystories" / "stories.txt", make_stories(50, seed=3))
+    code, out, err = run_cli(["data", "prepare", "--input", stories, "--tokenizer", tokenizer_dir,
+                              "--out", tmp_path / "data", "--quiet"], capsys)
+    assert code == 2 and "is not prepared data" in err and len(err.strip().splitlines()) == 1
+    assert stories.is_file()
+    prepared = tmp_path / "tokens"
+    for _ in range(2):
+        assert run_cli(["data", "prepare", "--input", stories, "--tokenizer", tokenizer_dir, "--out", prepared,
+                        "--quiet"], capsys)[0] == 0
+    assert (prepared / "meta.json").is_file()

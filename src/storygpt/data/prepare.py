@@ -91,6 +91,17 @@ class _Bucket:
     nbytes: int = 0
 
 
+def check_replaceable(out: str | os.PathLike) -> None:
+    """`out` may take the new shards: it is absent, empty, or prepared data (which is replaced). Anything else in
+    it (the stories themselves, a download) would be lost, so it is refused."""
+    out = Path(out)
+    if out.is_file():
+        raise StoryGPTError(f"{out}: is a file; --out takes a directory for the prepared data")
+    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise StoryGPTError(f"{out}: exists and is not prepared data ({META_FILE} missing); refusing to replace "
+                            "what is in it: give another --out")
+
+
 def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike,
             val_fraction: float = 0.02, seed: int = 1337, field: str | None = None,
             workers: int | None = None, dtype: str = "auto", chunk_stories: int = 256,
@@ -108,6 +119,7 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
         raise StoryGPTError("--field must not be empty")
     files = expand_inputs(inputs)
     check_inputs(files, field)
+    check_replaceable(out)
     tok = Tokenizer.load(tokenizer)
     np_dtype = token_dtype(tok.vocab_size, dtype)
     workers = max(1, workers or os.cpu_count() or 1)
