@@ -118,9 +118,13 @@ def test_fsdp_matches_one_process_and_resumes_on_other_world_sizes(tmp_path, dat
     assert ckpt["step"] == UNTIL and "model" not in ckpt
     shards = sorted(p.name for p in (run / ckpt["dcp"]).iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    assert len(list(run.glob("ckpt_latest.dcp-*"))) == 1  # older checkpoints removed
+    prev = load_checkpoint(run / "ckpt_prev.pt")
+    assert prev["step"] == 4 and {p.name for p in run.glob("ckpt_latest.dcp-*")} == {ckpt["dcp"], prev["dcp"]}
     assert_same_curve(run, reference, steps=range(UNTIL + 1))
-    # ... resumed by 1 rank (batch 8: the same global batch) up to step 8 ...
+    # ... one of its shards truncated: resumed from step 4's (ckpt_prev.pt) by 1 rank (batch 8: the same global
+    # batch) up to step 8 ...
+    shard = run / ckpt["dcp"] / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
     torchrun(1, until_script, "-", run, 8, "batch_size=8")
     # ... and by 2 ranks again, to the end, through the CLI
     torchrun(2, *train_cli("--resume", run, "--set", "batch_size=4", "--set", f"snapshot_from={STEPS}"))

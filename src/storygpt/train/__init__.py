@@ -2,6 +2,7 @@
 
 - config.py: `RunConfig`, `TrainConfig` and the named presets; pretrain.py: `train`; finetune.py: `finetune`;
 - loop.py: the loop both share; validation.py: its validation; runstate.py, runlog.py: a run's state, checkpoints, logs;
+  progress.py: its progress on stderr;
 - distributed.py: DDP and FSDP2 under torchrun; averaging.py: weight averages; distill.py: distillation from teachers.
 """
 

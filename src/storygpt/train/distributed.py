@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from storygpt.model.checkpoint import save_checkpoint, save_sharded
+from storygpt.errors import StoryGPTError
+from storygpt.model.checkpoint import PREV, save_checkpoint, save_sharded, shard_files, sharded_folder
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -161,21 +162,32 @@ def grad_sync(wrapped: torch.nn.Module, sync: bool):
 # Sharded checkpoints (FSDP): the folder is written by checkpoint.save_sharded, read by checkpoint.load_sharded
 # --------------------------------------------------------------------------------------------
 def save_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
-                            d: Dist) -> None:
+                            d: Dist, prev: Path | None = None) -> None:
     """An FSDP checkpoint (collective): all ranks write their shards into a new folder next to `path`, then
-    rank 0 writes `path` (the step, RNG states, ... and the folder's name) atomically, then deletes older
-    folders. Killed at any moment, `path` still names a complete checkpoint."""
+    rank 0 reads them back (their sizes and sha256 go into `path`), writes `path` (the step, RNG states, ...
+    and the folder's name) atomically, keeping the file it replaces as `prev` when given, then deletes the
+    folders that neither `path` nor RUN/ckpt_prev.pt names. Killed at any moment, `path` still names a
+    complete checkpoint. A write that fails (a full disk) deletes the new folder, leaves the checkpoints
+    there as they were and raises StoryGPTError (on every rank when the shards failed; else on rank 0).
+    """
     prefix = f"{path.stem}.dcp-"
     folder = d.share(f"{prefix}{meta['step']:08d}-{uuid.uuid4().hex[:8]}")  # one name for all ranks
-    has_optimizer = save_sharded(path.parent / folder, model, optimizer)  # returns once all shards are written
+    try:
+        has_optimizer = save_sharded(path.parent / folder, model, optimizer)  # returns once all shards are written
+        if d.is_main:
+            files = shard_files(path.parent / folder)
+            save_checkpoint(path, {**meta, "dcp": folder, "dcp_optimizer": has_optimizer, "dcp_files": files}, prev)
+    except StoryGPTError:
+        if d.is_main:
+            shutil.rmtree(path.parent / folder, ignore_errors=True)
+        raise
     if d.is_main:
-        save_checkpoint(path, {**meta, "dcp": folder, "dcp_optimizer": has_optimizer})
-        remove_stale(path.parent, prefix, keep=folder)
+        remove_stale(path.parent, prefix, keep={folder, sharded_folder(path.parent / PREV)})
 
 
-def remove_stale(folder: Path, prefix: str, keep: str) -> None:
-    """Delete the sharded-checkpoint folders `prefix*` in `folder` other than `keep` (older steps, or
-    the leftovers of a save that was killed before its pointer file was written)."""
+def remove_stale(folder: Path, prefix: str, keep: set) -> None:
+    """Delete the sharded-checkpoint folders `prefix*` in `folder` whose names are not in `keep` (older
+    steps, or the leftovers of a save that was killed before its pointer file was written)."""
     for p in folder.glob(f"{prefix}*"):
-        if p.is_dir() and p.name != keep:
+        if p.is_dir() and p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)

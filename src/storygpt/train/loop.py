@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
 from storygpt.data.epochs import StoryEpochs
 from storygpt.data.shards import TokenData, instruction_pairs
@@ -36,6 +35,7 @@ from .averaging import keep_snapshot
 from .config import RunConfig
 from .distill import distill_loss, load_teachers, teacher_probs
 from .distributed import Dist
+from .progress import progress_bar
 from .runlog import RunLog, plot_losses
 from .runstate import Job, LoopState, restore, save, warn, write_run_dir
 from .validation import counted, evaluate_batches, evaluate_rows, instruction_gain, rank_rows
@@ -275,8 +275,7 @@ def fit(job: Job, state: LoopState, progress: bool = True, until_step: int | Non
     d = job.d
     log_file = RunLog(job.run, state.step if job.resumed else None) if d.is_main else None
     log = log_file.log if log_file is not None else (lambda record: None)
-    bar = tqdm(total=job.cfg.train.max_steps, initial=state.step, disable=not progress or not d.is_main, unit="step",
-               dynamic_ncols=True, desc=desc)
+    bar = progress_bar(job.cfg.train.max_steps, state.step, desc, enabled=progress and d.is_main)
     session = Session(state.train_time, state.tokens)
     try:
         with StopFlag() as stop:

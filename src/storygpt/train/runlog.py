@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from storygpt.errors import StoryGPTError
+
 LOG_FIELDS = ["step", "tokens", "time", "lr", "loss", "val_loss", "val_bpb", "tok_per_s"]
 
 
@@ -46,10 +48,14 @@ class RunLog:
                 w.writerows(rows)
 
     def log(self, record: dict) -> None:
-        self.jsonl_fh.write(json.dumps(record) + "\n")
-        self.jsonl_fh.flush()
-        self.csv_writer.writerow({k: record.get(k, "") for k in LOG_FIELDS})
-        self.csv_fh.flush()
+        """Append `record`; a write that fails (a full disk) raises StoryGPTError."""
+        try:
+            self.jsonl_fh.write(json.dumps(record) + "\n")
+            self.jsonl_fh.flush()
+            self.csv_writer.writerow({k: record.get(k, "") for k in LOG_FIELDS})
+            self.csv_fh.flush()
+        except OSError as e:
+            raise StoryGPTError(f"{self.jsonl.parent}: could not write the training log ({e.strerror or e})") from None
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):

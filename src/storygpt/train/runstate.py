@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -18,12 +19,13 @@ import torch
 
 from storygpt.data.shards import TokenData
 from storygpt.errors import StoryGPTError
-from storygpt.model.checkpoint import BEST, LATEST, load_checkpoint, load_sharded, save_checkpoint
+from storygpt.model.checkpoint import BEST, LATEST, PREV, load_checkpoint, load_sharded, save_checkpoint
 from storygpt.text.tokenizer import Tokenizer
 
 from . import distributed
 from .config import RunConfig, apply_overrides
 from .distributed import Dist
+from .runlog import read_log
 
 
 def warn(msg: str) -> None:
@@ -67,6 +69,8 @@ class Job:
     epochs: object | None = None      # train.sampling=epochs: the StoryEpochs sampler; else TokenData.batch
     teachers: list = field(default_factory=list)  # distillation: frozen teacher models
     ema: torch.nn.Module | None = None  # train.ema_decay: an AveragedModel holding the EMA of the weights
+    latest_is_good: bool = True       # RUN/ckpt_latest.pt becomes ckpt_prev.pt when the next one is written (not
+                                      # when --resume skipped it as unreadable: ckpt_prev.pt is then kept instead)
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Micro-batch `index` (optimizer step x grad_accum_steps + micro-step) of this rank."""
@@ -141,7 +145,9 @@ def restore_rng(ckpt: dict, d: Dist, seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 def save(job: Job, state: LoopState, name: str, use_ema: bool = False) -> None:
     """RUN/name: weights (with `use_ema`, the EMA's in their place), optimizer, state, RNG states (each
-    rank's), config, the EMA; sharded under FSDP."""
+    rank's), config, the EMA; sharded under FSDP. Writing RUN/ckpt_latest.pt keeps the one it replaces as
+    RUN/ckpt_prev.pt. A write that fails (a full disk) leaves the checkpoints there as they were and raises
+    StoryGPTError on every rank."""
     tc, d = job.cfg.train, job.d
     rng = rng_state()
     meta = {"scheduler": {"step": state.step, "train_time": state.train_time},  # lr = lr_at(step, progress)
@@ -154,19 +160,31 @@ def save(job: Job, state: LoopState, name: str, use_ema: bool = False) -> None:
     rng_ranks = d.gather(rng)  # each rank's dropout stream, for an exact resume on as many ranks
     if rng_ranks is not None:
         meta |= {"rng_ranks": rng_ranks, "world_size": d.world_size}
-    if job.fsdp:
-        distributed.save_sharded_checkpoint(job.run / name, job.model, job.optimizer, meta, d)
-    elif d.is_main:
-        weights = job.ema.module.state_dict() if use_ema else job.model.state_dict()
-        save_checkpoint(job.run / name, {"model": weights, "optimizer": job.optimizer.state_dict(), **meta})
+    prev = job.run / PREV if name == LATEST and job.latest_is_good else None
+    error = None
+    try:
+        if job.fsdp:
+            distributed.save_sharded_checkpoint(job.run / name, job.model, job.optimizer, meta, d, prev)
+        elif d.is_main:
+            weights = job.ema.module.state_dict() if use_ema else job.model.state_dict()
+            save_checkpoint(job.run / name, {"model": weights, "optimizer": job.optimizer.state_dict(), **meta}, prev)
+    except StoryGPTError as e:
+        error = str(e)
+    errors = d.gather(error) or [error]  # every rank's: they all stop, none is left waiting for the others
+    error = next((e for e in errors if e), None)
+    if error:
+        raise StoryGPTError(error)
+    if name == LATEST:
+        job.latest_is_good = True
 
 
 def restore(job: Job, ckpt: dict) -> LoopState:
-    """Weights, optimizer state and RNG states from a checkpoint; the state to go on from."""
+    """Weights, optimizer state and RNG states from a checkpoint (newest_checkpoint's); the state to go on from."""
     tc, d = job.cfg.train, job.d
     if ckpt["config"]["model"] != asdict(job.cfg.model):
         raise StoryGPTError("model config keys cannot change on --resume (only train keys can)")
-    path = job.run / LATEST
+    path = job.run / ckpt.get("loaded_from", LATEST)
+    job.latest_is_good = path.name == LATEST
     if "dcp" in ckpt:  # a checkpoint from before the first step has no optimizer state
         load_sharded(path.parent / ckpt["dcp"], job.model, job.optimizer if ckpt["dcp_optimizer"] else None,
                      collective=job.fsdp)
@@ -194,35 +212,57 @@ def restore(job: Job, ckpt: dict) -> LoopState:
 # Run directories to start or resume
 # --------------------------------------------------------------------------------------------
 def check_new_run(run: Path) -> None:
-    if (run / LATEST).exists() or (run / BEST).exists():
+    if any((run / name).exists() for name in (LATEST, PREV, BEST)):
         raise StoryGPTError(f"{run}: already holds a training run; use --resume to continue it or a new --out")
 
 
 def load_run(run: Path, overrides: list[str]) -> tuple[dict, RunConfig, dict, Tokenizer]:
-    """What a run to resume holds: (its config.json, its RunConfig with `overrides` applied, its latest
-    checkpoint, its tokenizer)."""
+    """What a run to resume holds: (its config.json, its RunConfig with `overrides` applied, its newest
+    checkpoint that loads, its tokenizer)."""
     if not (run / "config.json").is_file():
         raise StoryGPTError(f"{run}: nothing to resume (no config.json)")
     saved = json.loads((run / "config.json").read_text())
     cfg = apply_overrides(RunConfig.from_dict({k: saved[k] for k in ("model", "train")}, str(run / "config.json")),
                           overrides)
     cfg.train.validate()
-    return saved, cfg, load_checkpoint(run / LATEST), Tokenizer.load(run / "tokenizer")
+    return saved, cfg, newest_checkpoint(run), Tokenizer.load(run / "tokenizer")
+
+
+def newest_checkpoint(run: Path) -> dict:
+    """The newest checkpoint of `run` that loads whole: ckpt_latest.pt, else ckpt_prev.pt (the one before),
+    with "loaded_from": the name of its file. Falling back is one warning line: what was skipped and why,
+    and the steps it costs (those log.jsonl holds after the checkpoint's)."""
+    try:
+        return load_checkpoint(run / LATEST, verify=True) | {"loaded_from": LATEST}
+    except StoryGPTError as e:
+        if not (run / PREV).exists():
+            raise
+        skipped = str(e)
+    try:
+        ckpt = load_checkpoint(run / PREV, verify=True)
+    except StoryGPTError as e:
+        raise StoryGPTError(f"no checkpoint of {run} loads: {skipped}; {e}") from None
+    logged = max((r["step"] for r in read_log(run)), default=ckpt["step"])
+    lost = max(logged - ckpt["step"], 0)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads it; one tells
+        warn(f"skipped {skipped}; resuming from {PREV} at step {ckpt['step']} costs {lost} step{'s' * (lost != 1)} "
+             f"(log.jsonl reached step {logged})")
+    return ckpt | {"loaded_from": PREV}
 
 
 def branch_run(source: Path, run: Path, overrides: list[str] | None = None) -> None:
-    """Start run folder `run` as a copy of `source` at its latest checkpoint (source: a run folder, or a
-    checkpoint file in one): its config, tokenizer, log up to that step and that checkpoint, with no best
+    """Start run folder `run` as a copy of `source` at its newest checkpoint that loads (source: a run folder,
+    or a checkpoint file in one): its config, tokenizer, log up to that step and that checkpoint, with no best
     yet (the branch's own evaluations choose its model). The source run is left as it was, resumable; a
     WSD cooldown branches this way with `--set max_steps=...`."""
-    ckpt_path = source if source.is_file() else source / LATEST
-    src_run = ckpt_path.parent
+    src_run = source.parent if source.is_file() else source
     if not (src_run / "config.json").is_file():
         raise StoryGPTError(f"{src_run}: not a run folder (no config.json)")
     saved = json.loads((src_run / "config.json").read_text())  # bad overrides fail here, before `run` is made
     apply_overrides(RunConfig.from_dict({k: saved[k] for k in ("model", "train")}, str(src_run / "config.json")),
                     overrides or []).train.validate()
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(source) if source.is_file() else newest_checkpoint(source)
+    ckpt_path = source if source.is_file() else source / ckpt.pop("loaded_from")
     if "dcp" in ckpt:
         raise StoryGPTError(f"{ckpt_path}: a sharded (FSDP) checkpoint cannot be branched; resume it in place")
     check_new_run(run)
