@@ -133,3 +133,15 @@ def test_prepare_never_replaces_a_folder_that_is_not_prepared_data(tmp_path, tok
         assert run_cli(["data", "prepare", "--input", stories, "--tokenizer", tokenizer_dir, "--out", prepared,
                         "--quiet"], capsys)[0] == 0
     assert (prepared / "meta.json").is_file()
+
+
+def test_prepare_into_a_log_file_writes_a_few_updates_not_a_flood(tmp_path, tokenizer_dir):
+    """Progress that goes to a file (not a terminal) is redrawn at most every PLAIN_INTERVAL_S seconds."""
+    stories = write_tinystories(tmp_path / "stories.txt", make_stories(20000, seed=4))
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-m", "storygpt", "data", "prepare", "--input", str(stories), "--tokenizer",
+                        str(tokenizer_dir), "--out", str(tmp_path / "data"), "--workers", "1"],
+                       stdout=out, stderr=subprocess.STDOUT, check=True, timeout=300)
+    text = log.read_text()
+    assert "encoding" in text and text.count("\r") <= 3 and len(text.splitlines()) < 10, text

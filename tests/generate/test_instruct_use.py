@@ -17,15 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, running
 from openai import OpenAI
 from streamlit.testing.v1 import AppTest
-from conftest import running
 
 import storygpt
 import storygpt.app.page as app_module
-from storygpt.app import find_models
 import storygpt.model.load as checkpoint
+from storygpt.app import find_models
 from storygpt.app.page import MODELS_ENV, model_choices
 from storygpt.errors import StoryGPTError
 from storygpt.model.config import ModelConfig

@@ -17,8 +17,8 @@ from conftest import run_cli
 
 import storygpt.model.checkpoint as checkpoint
 from storygpt.model.checkpoint import LATEST, PREV, load_checkpoint
+from storygpt.progress import PlainProgress
 from storygpt.train.pretrain import train
-from storygpt.train.progress import PlainProgress
 
 # checkpoints at steps 10 and 20; stopped after 25, ckpt_prev.pt is step 20's
 STEPS, UNTIL, SETTINGS = 30, 25, ["checkpoint_interval=10", "eval_interval=10", "eval_iters=2", "log_interval=5",

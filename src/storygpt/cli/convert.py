@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 
 
-
-
 def add_commands(sub) -> None:
     x = sub.add_parser("export", help="write a model for storygpt (e.g. fp16), transformers (hf), llama2.c's run.c "
                                       "or llama.cpp (gguf)")

@@ -5,8 +5,6 @@ Each command's parser next to what it does; the handlers import what they use wh
 
 from __future__ import annotations
 
-
-
 from .options import Parser, stories_in_out, suite_sampling
 
 

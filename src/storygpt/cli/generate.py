@@ -11,7 +11,6 @@ import sys
 from storygpt.errors import StoryGPTError
 
 
-
 def add_commands(sub) -> None:
     g = sub.add_parser("generate", help="write a story from a prompt")
     g.add_argument("prompt", nargs="?", default="", help="the story's beginning (default: start from scratch)")

@@ -10,7 +10,6 @@ import os
 from storygpt.errors import StoryGPTError
 
 
-
 def add_commands(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not",
                        description="OpenAI-compatible HTTP API: completions and chat, streamed or not. GET /metrics "

@@ -13,7 +13,6 @@ from pathlib import Path
 from storygpt.errors import StoryGPTError
 
 
-
 def add_commands(sub) -> None:
     tr = sub.add_parser("train", help="train a model (or resume a run)")
     tr.add_argument("--data", help="prepared data directory (default on --resume: the run's)")

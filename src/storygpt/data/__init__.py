@@ -6,9 +6,9 @@
 - instruct.py: TinyStories-Instruct records from plain stories.
 """
 
+from .download import download_tinystories
+from .epochs import StoryEpochs
 from .prepare import prepare
 from .shards import TokenData, read_meta
-from .epochs import StoryEpochs
-from .download import download_tinystories
 
 __all__ = ["StoryEpochs", "TokenData", "download_tinystories", "prepare", "read_meta"]

@@ -192,7 +192,7 @@ def extract_archive(archive: Path, dest: Path, progress: bool = True) -> list[Pa
     """Extract a .tar.gz of data files into `dest` (replacing it), refusing anything but plain files and
     folders inside it: no absolute paths, no '..', no links or devices. Skipped when `dest` already holds
     this archive's contents."""
-    from tqdm.auto import tqdm
+    from storygpt.progress import tqdm_bar
 
     marker = dest / ".extracted-from"
     stamp = f"{archive.resolve().name} {archive.stat().st_size}"
@@ -201,7 +201,7 @@ def extract_archive(archive: Path, dest: Path, progress: bool = True) -> list[Pa
     with atomic_dir(dest) as work:
         with tarfile.open(archive, "r:*") as tar:
             members = list(_safe_members(tar, archive))
-            for m in tqdm(members, desc=f"extracting {archive.name}", unit="file", disable=not progress):
+            for m in tqdm_bar(members, desc=f"extracting {archive.name}", unit="file", enabled=progress):
                 if hasattr(tarfile, "data_filter"):  # the same checks again, by the standard library
                     tar.extract(m, work, filter="data")
                 else:

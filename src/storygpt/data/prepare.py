@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from storygpt.errors import StoryGPTError
 from storygpt.files import atomic_dir
+from storygpt.progress import tqdm_bar
 from storygpt.text.instruct import INSTRUCT_INFO, split_record
 from storygpt.text.stories import (
     check_inputs,
@@ -132,7 +132,7 @@ def prepare(inputs: list[str | os.PathLike], tokenizer: str | os.PathLike, out: 
                    for split in ("train", "val") for b in range(n_buckets)}
         stories = iter_stories(files, field, instruct)
         masked = False
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encoding", disable=not progress)
+        bar = tqdm_bar(total=total_bytes, unit="B", unit_scale=True, desc="encoding", enabled=progress)
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
         try:
             pending: deque = deque()

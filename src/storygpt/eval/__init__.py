@@ -7,8 +7,8 @@
 """
 
 from .bpb import evaluate
-from .suite import SuiteConfig, load_prompts, run_suite
-from .report import write_report
 from .quality import quality_rows
+from .report import write_report
+from .suite import SuiteConfig, load_prompts, run_suite
 
 __all__ = ["SuiteConfig", "evaluate", "load_prompts", "quality_rows", "run_suite", "write_report"]

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import time
 
-from tqdm.auto import tqdm
-
 from storygpt.generate.story_model import StoryModel
+from storygpt.progress import tqdm_bar
 from storygpt.text import measures
 
 
@@ -32,7 +31,7 @@ def sample(model: StoryModel, prompts: list[str], cfg, progress: bool = True) ->
     """Completions (without the prompt) per prompt, whether each ended, and speed figures."""
     completions, ended, tokens = [], [], 0
     t0 = time.perf_counter()
-    for i, prompt in enumerate(tqdm(prompts, desc="sampling", disable=not progress, leave=False)):
+    for i, prompt in enumerate(tqdm_bar(prompts, desc="sampling", enabled=progress, leave=False)):
         texts = model.generate(prompt, num_samples=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i)
         stats = model.last_stats
@@ -64,7 +63,7 @@ def generation_measures(model: StoryModel, prompts: list[str], cfg, index=None, 
         "speed": speed,
     }
     if index is not None:
-        rouge = [index.max_rouge2(c)[0] for c in tqdm(flat, desc="novelty", disable=not progress, leave=False)]
+        rouge = [index.max_rouge2(c)[0] for c in tqdm_bar(flat, desc="novelty", enabled=progress, leave=False)]
         hits, grams = map(sum, zip(*(index.shared_4grams(c) for c in flat)))
         out["novelty"] = {"max_rouge2": mean(rouge), "share_above_0.5": mean(r > 0.5 for r in rouge),
                           "shared_4grams": hits / grams if grams else None}

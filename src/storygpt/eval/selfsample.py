@@ -21,12 +21,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from storygpt.errors import StoryGPTError
 from storygpt.generate.batching import Batcher, Done, Finish, Piece, Story
 from storygpt.generate.sampling import SamplingOptions
 from storygpt.generate.story_model import StoryModel
+from storygpt.progress import tqdm_bar
 from storygpt.text import measures
 from storygpt.text.stories import write_stories
 
@@ -97,7 +97,7 @@ def sample_all(model: StoryModel, prompts: list[str], samples: int, opts: Sampli
                 finished.append((i, texts, ended))
         return Story(model, prompt, samples, replace(opts, seed=seed + i), emit)
 
-    with tqdm(total=len(prompts), desc="sampling", disable=not progress) as bar:
+    with tqdm_bar(total=len(prompts), desc="sampling", enabled=progress) as bar:
         while queue or batcher.stories:
             while queue and batcher.free_slots >= samples:
                 batcher.add(story(*queue.popleft()))

@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from storygpt.errors import StoryGPTError
 from storygpt.generate.story_model import StoryModel, load
 from storygpt.model.load import resolve_model_path, shipped_or
+from storygpt.progress import tqdm_bar
 from storygpt.text.stories import expand_inputs, iter_stories
 
 from .minimal_pairs import grammar_pairs
@@ -237,12 +236,12 @@ def run_suite(models: list[str], cfg: SuiteConfig | None = None, progress: bool 
         resolve_model_path(shipped_or(path))
     index = None
     if cfg.train:
-        with tqdm(total=1, desc="indexing --train", disable=not progress, leave=False):
+        with tqdm_bar(total=1, desc="indexing --train", enabled=progress, leave=False):
             index = TrainingIndex(read_stories(cfg.train, "--train"))
     report = {"suite": {**asdict(cfg), "prompts_count": len(prompts), "cloze_items": len(items)}, "models": {}}
     for name, path in named:  # one model in memory at a time
         model = load(path, device=cfg.device, dtype=cfg.dtype)
-        steps = tqdm(total=5, desc=name, disable=not progress)
+        steps = tqdm_bar(total=5, desc=name, enabled=progress)
         result = {"path": model.path, "params": model.model.num_params(), "context": model.context}
         if heldout:
             result["bits_per_byte"] = evaluate(model.path, text=cfg.text, device=cfg.device)["bits_per_byte"]

@@ -5,9 +5,9 @@
 - engine.py: `Engine`, one decoding thread per model that the server and the app share.
 """
 
-from .story_model import StoryModel, StoryStart, instruction_header, load
-from .sampling import MAX_NEW_TOKENS, SamplingOptions
 from .engine import Engine, QueueFull
+from .sampling import MAX_NEW_TOKENS, SamplingOptions
+from .story_model import StoryModel, StoryStart, instruction_header, load
 
 __all__ = ["Engine", "MAX_NEW_TOKENS", "QueueFull", "SamplingOptions", "StoryModel", "StoryStart",
            "instruction_header", "load"]

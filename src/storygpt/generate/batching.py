@@ -40,7 +40,6 @@ from storygpt.model.cache import KVCache, RowsCache
 from .guide import guide_for
 from .sampling import SamplingOptions, apply_repetition_penalty, sampling_probs
 
-
 PREFILL_CHUNK = 64  # prompt tokens prefilled per step (the chunk that crosses it runs whole)
 
 

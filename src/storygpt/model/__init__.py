@@ -7,14 +7,14 @@ adapters, the devices and precisions it runs in, and the files that hold it.
 - checkpoint.py: training checkpoints; model_dir.py: model directories; load.py: `load_model` and the shipped models.
 """
 
-from .config import ModelConfig, PRESETS
-from .transformer import Transformer
 from .cache import KVCache, RowsCache
-from .quantize import quantize_int8
-from .device import DTYPES, pick_device, pick_dtype
 from .checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
-from .model_dir import WEIGHTS, read_model_info, save_model_dir
+from .config import PRESETS, ModelConfig
+from .device import DTYPES, pick_device, pick_dtype
 from .load import SHIPPED_MODELS, default_model_path, instruct_model_path, load_model, resolve_model_path, shipped_or
+from .model_dir import WEIGHTS, read_model_info, save_model_dir
+from .quantize import quantize_int8
+from .transformer import Transformer
 
 __all__ = ["BEST", "DTYPES", "KVCache", "LATEST", "ModelConfig", "PRESETS", "RowsCache", "SHIPPED_MODELS",
            "Transformer", "WEIGHTS", "default_model_path", "instruct_model_path", "load_checkpoint", "load_model",

@@ -7,10 +7,10 @@
 - measures.py: measures of generated text (repetition, loops, diversity, spelling, names).
 """
 
-from .tokenizer import EOS_TEXT, Tokenizer, train_tokenizer
-from .stories import check_inputs, expand_inputs, iter_stories, write_stories
-from .instruct import FEATURES, FIELDS, header_prompt, is_instruct, request_prompt, split_record
 from .checks import contains_sentence, contains_word, has_dialogue, is_main_character, main_character
+from .instruct import FEATURES, FIELDS, header_prompt, is_instruct, request_prompt, split_record
+from .stories import check_inputs, expand_inputs, iter_stories, write_stories
+from .tokenizer import EOS_TEXT, Tokenizer, train_tokenizer
 
 __all__ = ["EOS_TEXT", "FEATURES", "FIELDS", "Tokenizer", "check_inputs", "contains_sentence", "contains_word",
            "expand_inputs", "has_dialogue", "header_prompt", "is_instruct", "is_main_character", "iter_stories",

@@ -6,10 +6,10 @@
 - distributed.py: DDP and FSDP2 under torchrun; averaging.py: weight averages; distill.py: distillation from teachers.
 """
 
-from .config import RunConfig, TrainConfig, build_config
-from .pretrain import train
-from .finetune import finetune
 from .averaging import average_snapshots
+from .config import RunConfig, TrainConfig, build_config
+from .finetune import finetune
+from .pretrain import train
 from .runlog import read_log
 
 __all__ = ["RunConfig", "TrainConfig", "average_snapshots", "build_config", "finetune", "read_log", "train"]

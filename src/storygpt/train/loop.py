@@ -28,6 +28,7 @@ from storygpt.data.shards import TokenData, instruction_pairs
 from storygpt.errors import StoryGPTError
 from storygpt.model.checkpoint import BEST, LATEST, load_checkpoint
 from storygpt.model.device import autocast, maybe_compile
+from storygpt.progress import progress_bar
 from storygpt.text.tokenizer import Tokenizer
 
 from . import distributed
@@ -35,7 +36,6 @@ from .averaging import keep_snapshot
 from .config import RunConfig
 from .distill import distill_loss, load_teachers, teacher_probs
 from .distributed import Dist
-from .progress import progress_bar
 from .runlog import RunLog, plot_losses
 from .runstate import Job, LoopState, restore, save, warn, write_run_dir
 from .validation import counted, evaluate_batches, evaluate_rows, instruction_gain, rank_rows

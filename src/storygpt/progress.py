@@ -1,6 +1,9 @@
-"""Training progress on stderr, suited to where it goes: a live tqdm bar on a terminal (a widget in a notebook);
-elsewhere (a log file, CI, nohup) a plain line at most every PLAIN_INTERVAL_S seconds and one at the end, so
-that a log holds a handful of lines rather than a carriage return per refresh; nothing with --quiet.
+"""Progress on stderr, suited to where it goes: a live tqdm bar on a terminal (a widget in a notebook); elsewhere
+(a log file, CI, nohup) at most one update every PLAIN_INTERVAL_S seconds, so that a log holds a handful of lines
+rather than a carriage return per refresh; nothing with --quiet.
+
+- `progress_bar`: training's steps (elsewhere, plain lines: `PlainProgress`);
+- `tqdm_bar`: tqdm for every other command's progress (data prepare, data sample, the suite, the download's archive).
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool, stream=None
     if live(stream):
         return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc, file=stream)
     return PlainProgress(total, initial, desc, stream)
+
+
+def tqdm_bar(*args, enabled: bool = True, **kwargs):
+    """tqdm(*args, **kwargs) on stderr: live on a terminal; elsewhere redrawn at most every PLAIN_INTERVAL_S seconds
+    (tqdm's mininterval); disabled unless `enabled`."""
+    stream = kwargs.setdefault("file", sys.stderr)
+    if not live(stream):
+        kwargs.setdefault("mininterval", PLAIN_INTERVAL_S)
+    return tqdm(*args, disable=not enabled, **kwargs)
 
 
 def live(stream) -> bool:
