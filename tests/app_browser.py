@@ -1,6 +1,6 @@
 """Drive `storygpt app` in a real browser: Debian's Chromium, headless, through Playwright.
 
-Used by tests/app/test_app.py (end-to-end test) and, run as a script, to take the README's screenshot
+Used by tests/app/test_app.py (end-to-end test) and, run as a script, to take the screenshot in docs/guides/app.md
 with the default model through the same code path:
 
     python tests/app_browser.py docs/app.png

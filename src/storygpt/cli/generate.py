@@ -26,7 +26,7 @@ def add_commands(sub) -> None:
     ins.add_argument("--character", help="the story's main character, its kind and name: \"a cat named Pip\"")
     ins.add_argument("--request", help="instead of the above, a request in plain words: \"Write a story about ...\"")
     ins.add_argument("--no-guide", action="store_true", help="leave the model to itself: no guided decoding toward "
-                     "the words and the sentence asked for (see the README, \"Instruction following\")")
+                     "the words and the sentence asked for (see docs/results/instruct.md)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")

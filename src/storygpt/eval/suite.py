@@ -10,7 +10,7 @@ Here each quality has automatic, seeded measures (`storygpt eval --suite stories
 - measures of N completions of each of the paper's beginnings (generation.py): `ended`,
   `repetition`, `loops`, `distinct_2`, `self_bleu`, `novelty`, `spelling`, `names`, `speed`.
 
-`run_suite` returns the report (a dict; see docs in README "Story quality"); suite_report.py writes it.
+`run_suite` returns the report (a dict; docs/guides/evaluation.md describes it); eval/report.py writes it.
 """
 
 from __future__ import annotations

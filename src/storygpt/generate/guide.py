@@ -1,9 +1,9 @@
 """Guided decoding: an instruction-tuned model's story holds what its instruction asks for.
 
 A model of a few million weights reads its instruction, but it forgets most of it while it writes: the
-shipped one fits all three requested words into 1 story in 200 on its own (README, "Instruction
-following"). Guidance steers the sampling of an instruct model toward the request, token by token, and
-leaves the writing to the model:
+shipped one fits all three requested words into 9-14% of its stories on its own (docs/results/instruct.md).
+Guidance steers the sampling of an instruct model toward the request, token by token, and leaves the writing
+to the model:
 
 - words: until the story has a requested word (in any inflection: jump, jumps, jumped), the tokens
   that start a form of it get a logit bonus that grows with the story's length (`WORD_RATE` a token, at

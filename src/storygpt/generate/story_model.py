@@ -252,7 +252,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str
     decoded token reads every weight once, so half the bytes is up to twice the speed; held-out loss
     moves in the 6th digit) and fp32 elsewhere; or fp32, bf16, fp16 where the device supports them.
     "int8" (CPU): weight-only int8 matrices (storygpt.quantize), fp32 activations: 1/4 of the weights'
-    bytes for a small loss in held-out bits/byte; slower than fp32 on AVX2-only CPUs (see the README).
+    bytes for a small loss in held-out bits/byte; slower than fp32 on AVX2-only CPUs (docs/results/benchmarks.md).
     """
     path = shipped_or(path)
     dev = pick_device(device)

@@ -79,7 +79,7 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # For tests: trains in seconds.
     "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, max_seq_len=256),
-    # The CPU default: the best 10-minute model on a 2-core CPU that we measured (see README).
+    # The CPU default: the best 10-minute model on a 2-core CPU that we measured (docs/results/models.md, "The 10-minute CPU model").
     "small": ModelConfig(vocab_size=4096, dim=256, n_layers=6, n_heads=4, max_seq_len=256),
     # llama2.c's stories15M shape.
     "15m": ModelConfig(vocab_size=32000, dim=288, n_layers=6, n_heads=6, max_seq_len=256),

@@ -9,7 +9,7 @@ of their fp32 bytes (8.7M-parameter default model: 35.0 MB -> 8.9 MB).
 
 The matmul is PyTorch's own: `F.linear(x, w_int8.to(x.dtype)) * scale`, the computation torchao's
 `Int8WeightOnlyConfig` runs on CPU. `torch.ops.aten._weight_int8pack_mm` computes the same product
-but measured 5-25x slower than this per matmul on an AVX2 CPU with torch 2.13 (see the README's "int8
+but measured 5-25x slower than this per matmul on an AVX2 CPU with torch 2.13 (docs/results/benchmarks.md, "int8
 weights on an AVX2 CPU"; compiled, int8 is slower than compiled fp32 there). Training code never sees
 these modules; evaluation does through `evaluate(dtype="int8")`. They hold no gradients.
 """

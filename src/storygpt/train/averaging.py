@@ -3,7 +3,7 @@
 A run with `train.snapshot_from = N` keeps the model weights of each regular checkpoint from step N on
 (RUN/snapshots/step_NNNNNN.safetensors, fp32) and of its last step; `average_snapshots` (`storygpt average
 RUN`) writes their mean as a model directory. Averaging the weights along the end of a run smooths the noise of
-its last steps, as a lower learning rate would (for the 512-token default model: README, "Roadmap").
+its last steps, as a lower learning rate would (for the 512-token default model: docs/roadmap.md).
 """
 
 from __future__ import annotations
