@@ -10,6 +10,8 @@ import sys
 
 from storygpt.errors import StoryGPTError
 
+from .options import DECODE_DTYPES
+
 
 def add_commands(sub) -> None:
     g = sub.add_parser("generate", help="write a story from a prompt")
@@ -39,7 +41,7 @@ def add_commands(sub) -> None:
     g.add_argument("--json", action="store_true")
     g.add_argument("--verbose", action="store_true", help="print speed on stderr")
     g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+    g.add_argument("--dtype", default="auto", choices=DECODE_DTYPES,
                    help="weights' precision (auto: bf16 where the hardware has it, else fp32; int8: weight-only "
                         "int8 on CPU, 1/4 of the weights' memory, slower than fp32 on AVX2 CPUs)")
     g.add_argument("--compile", action="store_true",

@@ -7,6 +7,8 @@ import argparse
 
 from storygpt.errors import StoryGPTError
 
+DECODE_DTYPES = ["auto", "fp32", "bf16", "fp16", "int8"]  # --dtype of the commands that decode (int8: CPU only)
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
@@ -27,3 +29,9 @@ def stories_in_out(parser, out_help: str) -> None:
     parser.add_argument("--input", nargs="+", required=True, help="TinyStories .txt, .json/.jsonl files or folders")
     parser.add_argument("--field", default=None, help="JSON field holding the story (default: story, then text)")
     parser.add_argument("--out", required=True, help=out_help)
+
+
+def listen_options(parser, port: int, port_help: str | None = None) -> None:
+    """--host (this machine only by default) and --port of the commands that listen (`serve`, `app`)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=port, help=port_help)

@@ -9,6 +9,8 @@ import os
 
 from storygpt.errors import StoryGPTError
 
+from .options import DECODE_DTYPES, listen_options
+
 
 def add_commands(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: completions and chat, streamed or not",
@@ -19,8 +21,7 @@ def add_commands(sub) -> None:
     s.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
                    help="model or run directory, repeatable; named after its folder (default: the shipped model, "
                         "storygpt-default, and storygpt-instruct when installed; 'default', 'instruct' name them)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    listen_options(s, 8000, "0 = any free port")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' for /v1/* and /metrics (default: "
                                                     "$STORYGPT_API_KEY)")
     s.add_argument("--max-concurrency", type=int, default=None,
@@ -28,7 +29,7 @@ def add_commands(sub) -> None:
                         "models whose KV cache would pass 1 GiB)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for slots; more get 503")
     s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+    s.add_argument("--dtype", default="auto", choices=DECODE_DTYPES,
                    help="weights (int8: weight-only int8 matrices on CPU, a quarter of fp32's memory)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--compile", action="store_true",
@@ -44,11 +45,10 @@ def add_commands(sub) -> None:
     a.add_argument("--model", action="append", default=None, help="model or run directory (repeatable; "
                    "default: the shipped models: default, and instruct when installed)")
     a.add_argument("--models-dir", help="offer every model or run folder inside this directory")
-    a.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    a.add_argument("--port", type=int, default=8501)
+    listen_options(a, 8501)
     a.add_argument("--compile", action="store_true",
                    help="decode with torch.compile'd steps: ~2x the words/s after a compile when a model loads")
-    a.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+    a.add_argument("--dtype", default="auto", choices=DECODE_DTYPES,
                    help="weights' precision, as for generate (int8: CPU only)")
     a.set_defaults(func=cmd_app)
 
