@@ -32,7 +32,7 @@ from common import alternate, header, matmul_peak, median, run_main, save, table
 from storygpt.model import ModelConfig, Transformer
 from storygpt.model.device import DTYPES, autocast, cpu_has_native_bf16
 from storygpt.train.config import preset as get_preset
-from storygpt.train.pretrain import make_optimizer
+from storygpt.train.loop import make_optimizer
 
 CPU = torch.device("cpu")
 

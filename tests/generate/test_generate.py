@@ -8,7 +8,8 @@ from conftest import run_cli
 
 import storygpt
 from storygpt.errors import StoryGPTError
-from storygpt.generate.story_model import StoryModel, apply_repetition_penalty, top_k_filter, top_p_filter
+from storygpt.generate.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
+from storygpt.generate.story_model import StoryModel
 from storygpt.model.cache import KVCache
 from storygpt.model.config import ModelConfig
 from storygpt.model.transformer import Transformer

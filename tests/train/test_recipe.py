@@ -33,7 +33,8 @@ from storygpt.model.transformer import Transformer
 from storygpt.text.tokenizer import train_tokenizer
 from storygpt.train.config import TrainConfig, build_config
 from storygpt.train.distill import distill_loss, kl_loss, teacher_probs
-from storygpt.train.pretrain import lr_at, train
+from storygpt.train.loop import lr_at
+from storygpt.train.pretrain import train
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["train.eval_interval=10", "train.eval_iters=2", "train.log_interval=5", "model.dropout=0.1"]

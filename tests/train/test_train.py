@@ -13,7 +13,8 @@ from storygpt.errors import StoryGPTError
 from storygpt.model.checkpoint import LATEST, load_checkpoint
 from storygpt.model.load import load_model
 from storygpt.train.config import TrainConfig, build_config
-from storygpt.train.pretrain import lr_at, make_optimizer, train
+from storygpt.train.loop import lr_at, make_optimizer
+from storygpt.train.pretrain import train
 
 FAST = ["train.eval_interval=10", "train.eval_iters=2", "train.log_interval=5", "model.dropout=0.1"]
 

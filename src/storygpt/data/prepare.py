@@ -23,12 +23,7 @@ from storygpt.errors import StoryGPTError
 from storygpt.files import atomic_dir
 from storygpt.progress import tqdm_bar
 from storygpt.text.instruct import INSTRUCT_INFO, split_record
-from storygpt.text.stories import (
-    check_inputs,
-    expand_inputs,
-    iter_stories,
-    write_stories,  # noqa: F401 - data's API
-)
+from storygpt.text.stories import check_inputs, expand_inputs, iter_stories
 from storygpt.text.tokenizer import EOS_TEXT, Tokenizer
 
 from .shards import META_FILE

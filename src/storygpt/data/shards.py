@@ -23,9 +23,6 @@ import numpy as np
 import torch
 
 from storygpt.errors import StoryGPTError
-from storygpt.text.stories import (
-    write_stories,  # noqa: F401 - data's API
-)
 
 META_FILE = "meta.json"
 

@@ -30,7 +30,7 @@ from storygpt.text.instruct import header_prompt, is_instruct, request_prompt, r
 from storygpt.text.tokenizer import Tokenizer
 
 from .batching import Batcher, Done, Piece, Story
-from .sampling import MAX_NEW_TOKENS, SamplingOptions, apply_repetition_penalty, sample_next, top_k_filter, top_p_filter  # noqa: F401 - also storygpt.generate's API  # noqa: F401
+from .sampling import SamplingOptions
 
 MAX_SAMPLES = 64
 INSTRUCTIONS = ("words", "sentence", "features", "summary", "character", "request")  # generate()'s instruction keywords

@@ -116,7 +116,7 @@ def sharded_folder(path: str | os.PathLike) -> str | None:
     """The name of the sharded folder that checkpoint file `path` points to; None when it names none or
     does not load."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors mapped, not read
     except Exception:
         return None
     return state.get("dcp") if isinstance(state, dict) else None

@@ -26,8 +26,6 @@ from . import loop
 from .config import RunConfig, build_config
 from .distill import teacher_paths
 from .distributed import Dist
-from .loop import lr_at, make_optimizer  # noqa: F401 - storygpt.train's API (tests, benchmarks)
-from .runlog import plot_losses, read_log  # noqa: F401 - storygpt.train's API
 from .runstate import branch_run, check_fit, check_new_run, load_run
 
 
