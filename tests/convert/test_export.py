@@ -87,7 +87,7 @@ def test_llama2c_tokenizer_bin(model_dir, tmp_path):
 
 
 def test_export_bad_input(tiny_run, tmp_path, capsys):
-    code, _, err = run_cli(["export", "--model", tiny_run, "--out", tmp_path / "x", "--format", "onnx"], capsys)
+    code, _, err = run_cli(["export", "--model", tiny_run, "--out", tmp_path / "x", "--format", "bogus"], capsys)
     assert code == 2 and "invalid choice" in err and "Traceback" not in err
     code, _, err = run_cli(["export", "--model", tmp_path / "nothing", "--out", tmp_path / "x", "--format", "hf"], capsys)
     assert code == 2 and "nothing" in err and "Traceback" not in err

@@ -8,9 +8,10 @@
   take an adapter merged into its base's weights.)
 - `llama2c`: llama2.c's `model.bin` (version-0 format, fp32) and `tokenizer.bin`, for
   `./run model.bin -z tokenizer.bin`.
-- `gguf`: llama.cpp's `model.gguf` in f32, f16 or q8_0 (see gguf_export.py).
+- `gguf`: llama.cpp's `model.gguf` in f32, f16 or q8_0 (see gguf.py).
+- `onnx`: `model.onnx` (fp32 or int8) with the tokenizer and `onnx.json`, for onnxruntime (see onnx.py).
 
-    storygpt export --model RUN --out DIR [--format storygpt|hf|llama2c|gguf] [--dtype fp16]
+    storygpt export --model RUN --out DIR [--format storygpt|hf|llama2c|gguf|onnx] [--dtype fp16]
 
 Layouts: storygpt rotates consecutive pairs of each head's query/key dims (Meta's and llama2.c's
 layout), so llama2.c takes the weights as they are; `transformers` rotates the two halves of each head
@@ -32,20 +33,32 @@ from storygpt.errors import StoryGPTError
 from storygpt.files import atomic_write
 from storygpt.model import adapters
 from storygpt.model.device import DTYPES
-from storygpt.model.load import adapter_base, load_model, resolve_model_path
+from storygpt.model.load import adapter_base, load_model, resolve_model_path, shipped_or
 from storygpt.model.model_dir import save_model_dir
 from storygpt.model.transformer import Transformer
 from storygpt.text.tokenizer import Tokenizer
 
-FORMATS = ("storygpt", "hf", "llama2c", "gguf")
+FORMATS = ("storygpt", "hf", "llama2c", "gguf", "onnx")
 
 
-def export_model(model: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16",
+def default_dtype(format: str) -> str:
+    """The weights' dtype when none is asked for: fp32 for onnx (fp32 or int8), fp16 for the others."""
+    return "fp32" if format == "onnx" else "fp16"
+
+
+def export_model(model: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
                  format: str = "storygpt") -> Path:
-    """Write `model` (a run or model directory) to `out` in `format`, floating weights in `dtype`
-    (llama2c is always fp32: run.c reads nothing else; gguf: f32, f16 or q8_0, fp32/fp16 as aliases)."""
+    """Write `model` (a run, model or adapter directory; "default"/"instruct": the shipped models) to `out` in
+    `format`, floating weights in `dtype` (None: `default_dtype(format)`; llama2c is always fp32: run.c reads
+    nothing else; gguf: f32, f16 or q8_0, fp32/fp16 as aliases; onnx: fp32 or int8)."""
     if format not in FORMATS:
         raise StoryGPTError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    dtype = dtype or default_dtype(format)
+    model = shipped_or(model)
+    if format == "onnx":
+        from .onnx import export_onnx
+
+        return export_onnx(model, out, dtype)
     if format == "gguf":
         from .gguf import gguf_dtype
 
