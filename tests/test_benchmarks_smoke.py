@@ -131,3 +131,12 @@ def test_every_benchmark_script_starts():
     for script in scripts:
         out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and out.stdout.startswith("usage:"), (script.name, out.stderr[-500:])
+
+
+def test_web_smoke():
+    """The page benchmark builds a site of the shipped model, decodes in Chromium (one thread and isolated) and
+    with storygpt, and counts no request outside the site."""
+    out = subprocess.run([sys.executable, BENCHMARKS / "web.py", "--smoke"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| page, 1 thread | 1 |" in out.stdout and "| storygpt fp32 |" in out.stdout
+    assert "requests outside the site: 0" in out.stdout

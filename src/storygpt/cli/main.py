@@ -2,8 +2,8 @@
 
 Each command group is a module with its parsers and what they do, a thin layer over the Python API:
 data.py (tokenizer, data), train.py (train, finetune, average, presets), eval.py, generate.py,
-serve.py (serve, app) and convert.py (export, import). Every user error (StoryGPTError) becomes one line on
-stderr and exit code 2.
+serve.py (serve, app), convert.py (export, import) and web.py (web). Every user error (StoryGPTError) becomes
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from storygpt.errors import StoryGPTError
 
 from .options import Parser
 
-GROUPS = ("data", "train", "eval", "generate", "serve", "convert")
+GROUPS = ("data", "train", "eval", "generate", "serve", "convert", "web")
 
 
 def build_parser() -> argparse.ArgumentParser:
