@@ -1,6 +1,7 @@
 """Weight-only int8 (storygpt.quantize, `--dtype int8`): close logits, the same next tokens, 1/4 of the bytes."""
 
 import copy
+import itertools
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import run_cli
 import storygpt
 from storygpt.errors import StoryGPTError
 from storygpt.model.config import PRESETS, ModelConfig
+from storygpt.model.device import cpu_has_native_bf16
 from storygpt.model.quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_rows, weight_bytes
 from storygpt.model.transformer import Transformer
 
@@ -21,6 +23,8 @@ def test_quantize_rows_round_trip():
     w[7] = 0  # an all-zero row must not divide by zero
     q, scale = quantize_rows(w)
     assert q.dtype == torch.int8 and scale.shape == (50,) and q.abs().max() == 127
+    assert torch.equal(scale.bfloat16().float(), scale)  # exact in bf16, for _weight_int8pack_mm
+    assert torch.all(q.abs().amax(dim=1)[torch.arange(50) != 7] >= 126)  # rounding the scale up costs < 1 step
     err = (q.float() * scale[:, None] - w).abs()
     assert torch.all(err <= scale[:, None] / 2 + 1e-12)  # round to nearest: at most half a step per row
     assert torch.all(q[7] == 0)
@@ -40,6 +44,23 @@ def test_int8_logits_close_to_fp32(cfg):
     scale = want.std()
     assert (got - want).abs().max() < 0.12 * scale
     assert (got - want).pow(2).mean().sqrt() < 0.02 * scale
+
+
+def test_int8_kernels_agree():
+    """Int8Linear's product (the bf16 _weight_int8pack_mm where the CPU computes bf16 natively, else the dequantized
+    matrix in the activations' dtype) is x @ (int8 * scale)^T + bias up to bf16 rounding, for any leading shape."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    q = Int8Linear.from_linear(linear, torch.float32)
+    for packed, x in itertools.product((False, True), (torch.randn(5, 3, 64), torch.randn(1, 1, 64),
+                                                         torch.randn(700, 64))):
+        q.packed = packed and cpu_has_native_bf16()
+        want = x @ (q.weight.float() * q.scale[:, None]).T + q.bias
+        got = q(x)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert (got - want).abs().max() <= (1e-2 if q.packed else 1e-5) * want.abs().max()
+    qb = Int8Linear.from_linear(linear, torch.bfloat16)
+    assert qb(torch.randn(2, 64).bfloat16()).dtype == torch.bfloat16
 
 
 def test_int8_state_is_int8():
@@ -94,7 +115,8 @@ def test_eval_int8(tiny_run, story_file, capsys):
 
 
 def test_int8_compiled_matches_eager(tiny_run):
-    """compile=True works with int8 (compiled without freezing, so the weights stay int8)."""
+    """compile=True works with int8 (frozen where the products run in _weight_int8pack_mm, unfrozen where they
+    dequantize the weights, which stay int8 either way)."""
     eager = storygpt.load(tiny_run, dtype="int8")
     compiled = storygpt.load(tiny_run, dtype="int8", compile=True)
     options = {"temperature": 0, "max_new_tokens": 24}

@@ -27,6 +27,7 @@ and the web app run every request in one shared Batcher per model on a decoding 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from .guide import guide_for
 from .sampling import SamplingOptions, apply_repetition_penalty, sampling_probs
 
 PREFILL_CHUNK = 64  # prompt tokens prefilled per step (the chunk that crosses it runs whole)
+MIN_LENGTH = 64  # the shortest cache length a compiled step attends over (see `length_buckets`)
 
 
 class Piece(NamedTuple):
@@ -90,6 +92,7 @@ class Story:
         self.ids[:, :P] = torch.tensor(self.prompt_ids, device=device)
         self.length = P  # filled columns of ids
         self.rows = [list(self.prompt_ids) for _ in range(self.n)]  # the same tokens as lists, for the text
+        self.texts = [self.base_text] * self.n  # tokenizer.decode(rows[i]), kept up to date token by token
         self.emitted, self.done, self.reasons = [""] * self.n, [False] * self.n, ["length"] * self.n
         self.generated = 0
         self.hold = max((len(x) for x in opts.stop), default=1) - 1  # a stop string may still be forming
@@ -107,6 +110,12 @@ class Story:
     def sampling(self) -> tuple:
         """Stories with equal settings are filtered together (`sampling_probs`)."""
         return self.opts.temperature, self.opts.top_k, self.opts.top_p
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the next token is the top logit's (with the end-of-story token barred under ignore_eos), which a
+        compiled step computes itself: greedy, no repetition penalty, no guide."""
+        return self.opts.temperature == 0 and self.opts.repetition_penalty == 1.0 and self.guide is None
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The (n, vocab) logits to sample from, from the logits of the live samples: the ended samples still
@@ -144,8 +153,9 @@ class Story:
         self.generated += 1
         ended = []
         for i in live:
+            self.texts[i] = extended_text(tok, self.rows[i], self.texts[i], picked[i])
             self.rows[i].append(picked[i])
-            text = tok.decode(self.rows[i])[len(self.base_text):]
+            text = self.texts[i][len(self.base_text):]
             if self.guide is not None:
                 self.guide.observe(i, picked[i], text)
             cut = _first_stop(text, opts.stop)
@@ -195,11 +205,13 @@ class Batcher:
             raise StoryGPTError(f"slots and prefill_chunk must be >= 1, got {slots}, {prefill_chunk}")
         self.model, self.slots, self.prefill_chunk = model, slots, prefill_chunk
         self.net, self.ctx = model.model, model.context
-        # one more row than slots: a compiled step pads its batch to a power of two with rows written there
-        self.cache = KVCache(self.net.cfg, slots + 1, model.device, model.dtype, max_len=self.ctx)
+        # one more row than slots: a compiled step pads its batch to a power of two with rows written there;
+        # inference tensors wherever the Batcher is made (a compiled step's graphs are specialised to them)
+        with torch.inference_mode():
+            self.cache = KVCache(self.net.cfg, slots + 1, model.device, model.dtype, max_len=self.ctx)
         self.free = list(range(slots))  # a heap: the lowest free slot first, so busy slots stay together
         self.stories: list[Story] = []
-        self.compiled = getattr(model, "decode_step", None)  # StoryModel(compile=True): a compiled decode_rows
+        self.compiled = getattr(model, "decode_step", None)  # StoryModel(compile=True): `greedy_step` compiled
 
     @property
     def free_slots(self) -> int:
@@ -225,7 +237,7 @@ class Batcher:
     @torch.inference_mode()
     def step(self) -> None:
         """One token for every story that has its prompt in the cache; prefill for those that do not yet."""
-        ready: list[tuple[Story, torch.Tensor]] = []
+        ready: list[tuple[Story, torch.Tensor, torch.Tensor | None]] = []
         budget = self.prefill_chunk  # prompt tokens for this step; the chunk that crosses it runs whole
         for story in self.stories:
             while story.pending is not None and budget > 0:
@@ -236,8 +248,14 @@ class Batcher:
         if decoding:
             ready += self._decode(decoding)
         groups: dict[tuple, list[tuple[Story, torch.Tensor]]] = {}
-        for story, logits in ready:
-            groups.setdefault(story.sampling, []).append((story, story.scores(logits)))
+        for story, logits, pick in ready:
+            if pick is not None and story.greedy:  # the compiled step's own argmax: the same token, no Python
+                if len(pick) < story.n:  # the ended samples' rows (as `Story.advance` fills them)
+                    pick = pick.new_full((story.n,), self.model.tokenizer.eos_id).index_copy_(
+                        0, torch.tensor(story.live, device=pick.device), pick)
+                self._finish(story, pick)
+            else:
+                groups.setdefault(story.sampling, []).append((story, story.scores(logits)))
         for (temperature, top_k, top_p), members in groups.items():
             scores = torch.cat([s for _, s in members]) if len(members) > 1 else members[0][1]
             if temperature == 0:
@@ -246,9 +264,12 @@ class Batcher:
                 probs = sampling_probs(scores, temperature, top_k, top_p).split([story.n for story, _ in members])
                 picks = [story.draw(p) for (story, _), p in zip(members, probs)]
             for (story, _), nxt in zip(members, picks):
-                self._release(story.advance(nxt, self.ctx))
-                if all(story.done):
-                    self.stories.remove(story)
+                self._finish(story, nxt)
+
+    def _finish(self, story: Story, nxt: torch.Tensor) -> None:
+        self._release(story.advance(nxt, self.ctx))
+        if all(story.done):
+            self.stories.remove(story)
 
     def _prefill(self, story: Story, ready: list) -> int:
         """Feed the next chunk of a story's pending tokens into its slots; returns the tokens fed."""
@@ -267,46 +288,104 @@ class Batcher:
                 for buf in self.cache.k + self.cache.v:
                     buf[others, :, :story.cached] = buf[first, :, :story.cached]
                 logits = logits.repeat(len(live), 1, 1)
-            ready.append((story, logits[:, -1]))
+            ready.append((story, logits[:, -1], None))
         return T * len(rows)
 
-    def _decode(self, stories: list[Story]) -> list[tuple[Story, torch.Tensor]]:
-        """One batched forward pass: the latest token of every live sample of `stories`, each at its position."""
+    def _decode(self, stories: list[Story]) -> list[tuple[Story, torch.Tensor, torch.Tensor | None]]:
+        """One batched forward pass: the latest token of every live sample of `stories`, each at its position.
+        Returns (story, its rows' logits (n, vocab), their greedy tokens or None) per story."""
         rows = sorted((s.slots[i], tok, s.cached, k) for k, s in enumerate(stories) for i, tok in zip(s.live, s.next))
-        device = self.model.device
-        slots = [r[0] for r in rows]
-        idx = torch.tensor([r[1] for r in rows], device=device)[:, None]
-        pos = torch.tensor([r[2] for r in rows], device=device)
-        if self.compiled is not None:  # fixed shapes: a power of two of rows, the whole cache
-            pad = (1 << (len(rows) - 1).bit_length()) - len(rows)
-            index = torch.tensor(slots + [self.slots] * pad, device=device)
-            idx, pos = torch.cat([idx, idx.new_zeros(pad, 1)]), torch.cat([pos, pos.new_zeros(pad)])
-            logits = self.compiled(idx, index, pos, self.cache)[:len(rows)]
-        else:
-            together = slots == list(range(slots[0], slots[0] + len(slots)))
-            index = slice(slots[0], slots[0] + len(slots)) if together else torch.tensor(slots, device=device)
-            logits, _ = self.net(idx, cache=RowsCache(self.cache, index, pos, max(r[2] for r in rows) + 1))
+        logits, top, top_no_eos = self.forward([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
         for story in stories:
             story.cached += 1
             story.next = None
+        if len(stories) == 1:  # one story (all of StoryModel.generate): its rows in the order of its live samples
+            story = stories[0]
+            return [(story, logits, None if top is None else top_no_eos if story.opts.ignore_eos else top)]
         out: dict[int, list[int]] = {}
         for j, r in enumerate(rows):
             out.setdefault(r[3], []).append(j)
         # a story's rows come back in the order of its live samples: its slots were taken in increasing order
-        return [(story, logits[torch.tensor(out[k], device=device), -1]) for k, story in enumerate(stories)]
+        picked = []
+        for k, story in enumerate(stories):
+            index = torch.tensor(out[k], device=logits.device)
+            greedy = None if top is None else (top_no_eos if story.opts.ignore_eos else top)[index]
+            picked.append((story, logits[index], greedy))
+        return picked
+
+    def forward(self, slots: list[int], tokens: list[int], positions: list[int]) -> tuple:
+        """The logits (B, vocab) of one new token per row: `tokens[b]` at position `positions[b]` of cache row
+        `slots[b]` (in increasing slot order), written into the cache; with a compiled step also each row's
+        greedy token, with and without the end-of-story token allowed ((B,) each; else None, None).
+
+        The compiled step has fixed shapes: a power of two of rows and a cache length of a power of two
+        (`length_bucket`): one graph per (batch size, length), and a short story attends to the cache it has
+        filled rather than to the whole context."""
+        device, B = self.model.device, len(slots)
+        if self.compiled is not None:
+            pad = (1 << (B - 1).bit_length()) - B
+            index = torch.tensor(slots + [self.slots] * pad, device=device)
+            idx = torch.tensor(tokens + [0] * pad, device=device)[:, None]
+            pos = torch.tensor(positions + [0] * pad, device=device)
+            logits, top, top_no_eos = self.compiled(idx, index, pos, self.cache,
+                                                    length_bucket(max(positions) + 1, self.ctx))
+            return (logits, top, top_no_eos) if pad == 0 else (logits[:B], top[:B], top_no_eos[:B])
+        idx = torch.tensor(tokens, device=device)[:, None]
+        pos = torch.tensor(positions, device=device)
+        together = slots == list(range(slots[0], slots[0] + B))
+        index = slice(slots[0], slots[0] + B) if together else torch.tensor(slots, device=device)
+        logits, _ = self.net(idx, cache=RowsCache(self.cache, index, pos, max(positions) + 1))
+        return logits[:, -1], None, None
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the decoding step for every batch size it can take (powers of two up to the slots) now."""
+        """Compile the decoding step for every batch size it can take (powers of two up to the slots) and every
+        cache length (`length_bucket`) now."""
         if self.compiled is None:
             return
         size = 1
         while True:
             zeros = torch.zeros(size, dtype=torch.long, device=self.model.device)
-            self.compiled(zeros[:, None], zeros + self.slots, zeros, self.cache)
+            for length in length_buckets(self.ctx):
+                self.compiled(zeros[:, None], zeros + self.slots, zeros, self.cache, length)
             if size >= self.slots:
                 break
             size *= 2
+
+
+def length_buckets(ctx: int) -> list[int]:
+    """The cache lengths a compiled step reads: MIN_LENGTH, twice that, ... up to the context (at most 4)."""
+    lengths = [ctx]
+    while len(lengths) < 4 and lengths[-1] // 2 >= MIN_LENGTH:
+        lengths.append(lengths[-1] // 2)
+    return lengths[::-1]
+
+
+def length_bucket(needed: int, ctx: int) -> int:
+    """The shortest of `length_buckets(ctx)` that holds `needed` positions."""
+    return next(n for n in length_buckets(ctx) if n >= needed)
+
+
+def extended_text(tokenizer, row: list[int], text: str, token: int) -> str:
+    """`tokenizer.decode(row + [token])`, given `text` = `tokenizer.decode(row)`: the text grows by the new
+    token's piece when both it and the row's last token are plain pieces (`piece_texts`), else the row is decoded
+    again. A story's text then costs O(1) per token instead of O(its length)."""
+    pieces = piece_texts(tokenizer)
+    if row and max(token, row[-1]) < len(pieces) and pieces[token] is not None and pieces[row[-1]] is not None:
+        return text + pieces[token]
+    return tokenizer.decode(row + [token])
+
+
+@functools.cache
+def piece_texts(tokenizer) -> list[str | None]:
+    """Per token id, the text it adds after another such token (its piece, "▁" as a space), or None for
+    byte, control, unknown and unused tokens and the start- and end-of-story tokens. SentencePiece decodes a
+    plain piece that follows a plain piece by appending it: only the text's first piece loses its leading
+    space, and byte pieces combine into UTF-8 characters (so a row ending in one is decoded again)."""
+    sp = tokenizer.sp
+    special = {tokenizer.bos_id, tokenizer.eos_id}
+    return [None if i in special or sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+            else sp.id_to_piece(i).replace("▁", " ") for i in range(sp.get_piece_size())]
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

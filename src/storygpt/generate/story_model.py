@@ -85,8 +85,9 @@ class StoryModel:
         # on first use, per batch size (powers of two)
         self.decode_step = None
         if compile:
-            self.decode_step = _frozen(maybe_compile(model.decode_rows, self.device, dynamic=False), self.device,
-                                       freezing=self.weights != "int8")
+            dequantizing = any(getattr(m, "packed", True) is False for m in model.modules())  # int8 w/o bf16
+            self.decode_step = _frozen(maybe_compile(greedy_step(model, tokenizer.eos_id), self.device, dynamic=False),
+                                       self.device, freezing=not dequantizing)
 
     # --- public API ------------------------------------------------------------------------
     def generate(self, prompt: str = "", num_samples: int | None = None, *, words=None, sentence: str | None = None,
@@ -218,25 +219,45 @@ class StoryModel:
             stats.update(figures)
 
 
+def greedy_step(net: Transformer, eos_id: int):
+    """The step a compiled model runs per token: `net.decode_rows` (one token per row, each at its position,
+    over the first `length` cache positions), then each row's greedy token in the same graph, with and
+    without the end-of-story token allowed: (logits (B, vocab), top (B,), top without end-of-story (B,)). A
+    greedy story takes its token from these (the argmax of the same logits: the same token as eager
+    decoding) and skips the sampling code between tokens."""
+    def step(idx: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, cache, length: int):
+        logits = net.decode_rows(idx, slots, pos, cache, length)[:, -1]
+        barred = logits.clone()
+        barred[:, eos_id] = float("-inf")
+        return logits, logits.argmax(dim=-1), barred.argmax(dim=-1)
+    return step
+
+
 def _frozen(step, device: torch.device, freezing: bool = True):
     """The compiled `step`, compiled with inductor's freezing on: the weights become constants of the
     graph, prepacked for oneDNN on CPU (1.2x the tokens/s at batch 1 here); on CPU also with a C++
     wrapper around the graph's kernels instead of Python (another 1.15x). The options are set only
-    around the first call for each batch size (the call that compiles), under a lock, never globally:
-    a model compiled for training elsewhere in the process is not frozen, and threads decoding with
-    already compiled shapes never wait. Decoding never changes the weights. int8 weights are compiled
-    without freezing: it would fold their dequantization into fp32 copies (int8's memory saving lost)."""
+    around the first call for each batch size and cache length (the call that compiles), under a lock,
+    never globally: a model compiled for training elsewhere in the process is not frozen, and threads
+    decoding with already compiled shapes never wait. Decoding never changes the weights. int8 weights that
+    are dequantized for their products (CPUs without native bf16) are compiled without freezing: it would
+    fold the dequantization into fp32 copies (int8's memory saving lost); those multiplied by
+    `_weight_int8pack_mm` stay int8 frozen (1.05x the tokens/s of unfrozen at batch 1). One graph per
+    (batch size, length): up to 7 x 4 of them per model, and the models of a process share the step's code,
+    where dynamo counts them against its recompile limit (8 by default)."""
     options = {"freezing": freezing, "cpp_wrapper": device.type == "cpu"}
+    limits = {"recompile_limit": 1024, "accumulated_recompile_limit": 4096}
     compiled_shapes: set = set()
     lock = threading.Lock()
 
-    def call(idx: torch.Tensor, *args) -> torch.Tensor:
-        if idx.shape in compiled_shapes:
+    def call(idx: torch.Tensor, *args):
+        key = (idx.shape, args[-1])
+        if key in compiled_shapes:
             return step(idx, *args)
-        with lock, torch._inductor.config.patch(options):
-            logits = step(idx, *args)
-            compiled_shapes.add(idx.shape)
-            return logits
+        with lock, torch._inductor.config.patch(options), torch._dynamo.config.patch(limits):
+            out = step(idx, *args)
+            compiled_shapes.add(key)
+            return out
     return call
 
 
@@ -252,7 +273,9 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", dtype: str
     decoded token reads every weight once, so half the bytes is up to twice the speed; held-out loss
     moves in the 6th digit) and fp32 elsewhere; or fp32, bf16, fp16 where the device supports them.
     "int8" (CPU): weight-only int8 matrices (storygpt.quantize), fp32 activations: 1/4 of the weights'
-    bytes for a small loss in held-out bits/byte; slower than fp32 on AVX2-only CPUs (docs/results/benchmarks.md).
+    bytes, held-out bits/byte within 1e-4 of fp32; on CPUs with native bf16 the fastest way to decode
+    (its products run in bf16 straight from the int8 weights), slower than fp32 on AVX2-only CPUs
+    (docs/results/benchmarks.md).
     """
     path = shipped_or(path)
     dev = pick_device(device)

@@ -1,17 +1,21 @@
 """Weight-only int8 for decoding on CPU: `quantize_int8(model)` (or `storygpt.load(dtype="int8")`).
 
-Every matrix of the model is stored as int8 with one fp32 scale per output row (symmetric: the row's
-largest |w| maps to 127); activations, norms and the KV cache stay in float (fp32 from `load()`, or
-the model's dtype). The token embedding and the output head share one matrix in a tied model, and a
-head's output rows are the embedding's token rows, so one int8 table and one scale per token serve
-both: the lookup scales the rows it gathers, the head scales its outputs. The weights then take 1/4
-of their fp32 bytes (8.7M-parameter default model: 35.0 MB -> 8.9 MB).
+Every matrix of the model is stored as int8 with one scale per output row (symmetric: the row's largest |w|
+maps to 127, the scale rounded up to a bfloat16 number, so that the bf16 kernel below uses it exactly);
+activations, norms and the KV cache stay in float (fp32 from `load()`, or the model's dtype). The token
+embedding and the output head share one matrix in a tied model, and a head's output rows are the
+embedding's token rows, so one int8 table and one scale per token serve both: the lookup scales the rows it
+gathers, the head scales its outputs. The weights then take 1/4 of their fp32 bytes (8.7M-parameter default
+model: 35.0 MB -> 8.9 MB).
 
-The matmul is PyTorch's own: `F.linear(x, w_int8.to(x.dtype)) * scale`, the computation torchao's
-`Int8WeightOnlyConfig` runs on CPU. `torch.ops.aten._weight_int8pack_mm` computes the same product
-but measured 5-25x slower than this per matmul on an AVX2 CPU with torch 2.13 (docs/results/benchmarks.md, "int8
-weights on an AVX2 CPU"; compiled, int8 is slower than compiled fp32 there). Training code never sees
-these modules; evaluation does through `evaluate(dtype="int8")`. They hold no gradients.
+The matmul: on a CPU that computes bf16 natively (AVX512-BF16, AMX), `torch.ops.aten._weight_int8pack_mm`
+with the activations rounded to bf16 for the product (fp32 accumulation, bf16 out, then back to the
+activations' dtype): it reads the int8 weights directly, 1.7x faster per decoded token's matmuls than
+oneDNN's prepacked bf16 ones and 2.7x faster than fp32's on an AMD EPYC Zen 4 (benchmarks/decode_profile.py).
+Elsewhere `F.linear(x, w_int8.to(x.dtype)) * scale`, the computation torchao's `Int8WeightOnlyConfig`
+runs on CPU (`_weight_int8pack_mm` in fp32 measured 5-25x slower than this on an AVX2 CPU, and 4x slower
+than fp32 matmuls on the Zen 4). Training code never sees these modules; evaluation does through
+`evaluate(dtype="int8")`, which runs the same kernels. They hold no gradients.
 """
 
 from __future__ import annotations
@@ -22,11 +26,17 @@ import torch.nn.functional as F
 
 from storygpt.errors import StoryGPTError
 
+from .device import cpu_has_native_bf16
+
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, fp32 scale per row) with weight ~= int8 * scale[:, None], per row symmetric."""
+    """(int8 weight, fp32 scale per row) with weight ~= int8 * scale[:, None], per row symmetric; each scale is
+    a bfloat16 number (the row's largest |w| / 127 rounded up), so |int8| <= 127 and the scale is exact in bf16."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.bfloat16).tiny) / 127.0
+    rounded = scale.bfloat16().float()
+    up = torch.nextafter(rounded.bfloat16(), torch.tensor(float("inf"), dtype=torch.bfloat16)).float()
+    scale = torch.where(rounded >= scale, rounded, up)
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
@@ -43,6 +53,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.weight = weight
         self.register_buffer("scale", scale)
+        self.register_buffer("scale_bf16", scale.bfloat16(), persistent=False)  # for _weight_int8pack_mm
+        self.packed = cpu_has_native_bf16()  # decided once, not in every (traced) forward
         self.bias = None if bias is None else _frozen(bias.detach().to(scale.dtype))
         self.in_features, self.out_features = weight.size(1), weight.size(0)
 
@@ -52,7 +64,12 @@ class Int8Linear(nn.Module):
         return cls(_frozen(q), s.to(dtype), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale
+        if self.packed and x.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).bfloat16(), self.weight,
+                                                   self.scale_bf16)
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
