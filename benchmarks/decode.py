@@ -1,6 +1,7 @@
-"""Decoding speed side by side: storygpt vs transformers generate() vs llama2.c's run.c, same weights.
+"""Decoding speed side by side: storygpt vs transformers generate() vs llama2.c's run.c vs llama.cpp, same weights.
 
     python benchmarks/decode.py [--model DIR] [--llama2c ../peers/llama2.c] [--rounds 3] [--heldout FILE] [--smoke]
+                                [--no-llama-cpp] [--llama-cpp-sdist PATH]
 
 Greedy, an empty prompt (the start-of-story token only, so every contender starts from the same
 token whatever its tokenizer does), 256 new tokens, the end-of-story token never taken (storygpt
@@ -14,11 +15,20 @@ ignore_eos=True, transformers min_new_tokens, run.c built from a copy with its o
 - run.c: `storygpt export --format llama2c` (fp32, run.c's only format) built with
   `gcc -O3 -march=native -fopenmp`; its own "achieved tok/s". It decodes one story at a time, so
   its batch-8 throughput is its batch-1 throughput.
+- llama.cpp: `storygpt export --format gguf` in f32, f16 and q8_0, run by llama-cpp-python (`Llama`, n_ctx the
+  model's context, storygpt's torch thread count, flash attention on as llama.cpp's "auto" picks on a CPU,
+  its default f16 KV cache; the end token barred by a logit-bias sampler ahead of the greedy one) on
+  llama.cpp built from the source the llama-cpp-python sdist vendors (benchmarks/llamacpp.py: built once into a
+  cache, skipped with one line where there is no compiler; --no-llama-cpp leaves it out; --smoke only uses a
+  build already cached). Each token: `Llama.eval` of the last token, then llama.cpp's greedy sampler; batch 1.
+  Its f32 greedy story is checked against storygpt fp32's: how many of the tokens agree (storygpt's argmax,
+  teacher-forced on llama.cpp's tokens), and, where they part, both logits there (a near-tie or not).
 
 tokens/s counts every new token of every row over the wall time of the call (prompt included);
 time to first token is the wall time of a call for one new token. Contenders alternate round by
-round; medians are reported, with ratios against transformers at the same dtype, against run.c, and
-(int8) against storygpt fp32 run the same way. The weights' memory is reported for the storygpt rows,
+round; medians are reported, with ratios against transformers at the same dtype, against run.c, against
+llama.cpp at batch 1 in the nearest format (fp32: f32, bf16: f16, int8: q8_0), and (int8) against storygpt
+fp32 run the same way. The weights' memory is reported for the storygpt rows,
 and the held-out bits/byte of fp32 and int8 (default: ../shared/data/tinystories/heldout.txt, where it
 exists; --heldout none skips it; --smoke scores its first few stories).
 """
@@ -34,11 +44,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import alternate, header, median, run_main, save, table
+from llamacpp import add_arguments, from_args
 
 import storygpt
 from storygpt.convert.export import export_hf, export_llama2c
+from storygpt.convert.gguf import GGUF_FILE, export_gguf
 from storygpt.eval import evaluate
 from storygpt.model import DTYPES, pick_dtype
 from storygpt.model.quantize import weight_bytes
@@ -108,6 +121,88 @@ def run_c_contender(binary: Path, l2c_dir: Path, new_tokens: int):
     return run, lambda n: greedy(n).stdout
 
 
+LLAMA_CPP_FORMATS = {"f32": "fp32", "f16": "bf16", "q8_0": "int8"}  # gguf dtype -> the storygpt dtype it is set against
+
+
+def llama_cpp_contender(llama_cpp, gguf: Path, ctx: int, threads: int, new_tokens: int):
+    """llama-cpp-python on `gguf`: run(batch, n) -> tokens/s, and tokens(n, logits=None) -> the greedy ids."""
+    llm = llama_cpp.Llama(str(gguf), n_ctx=ctx, n_batch=ctx, n_threads=threads, n_threads_batch=threads,
+                          flash_attn=True, verbose=False)
+    start, vocab = llm.token_bos(), llm.n_vocab()
+    greedy = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    barred = (llama_cpp.llama_logit_bias * 1)(llama_cpp.llama_logit_bias(llm.token_eos(), float("-inf")))
+    llama_cpp.llama_sampler_chain_add(greedy, llama_cpp.llama_sampler_init_logit_bias(vocab, 1, barred))
+    llama_cpp.llama_sampler_chain_add(greedy, llama_cpp.llama_sampler_init_greedy())
+
+    def tokens(n: int, logits: list | None = None) -> list[int]:
+        """n forward passes from the start token, n new tokens, the end token barred (as storygpt's
+        ignore_eos and transformers' min_new_tokens do); `logits`: each pass's logits appended."""
+        llm.reset()
+        llm.eval([start])
+        out = []
+        while True:
+            if logits is not None:
+                row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+                logits.append(np.ctypeslib.as_array(row, shape=(vocab,)).copy())
+            out.append(llama_cpp.llama_sampler_sample(greedy, llm.ctx, -1))
+            if len(out) == n:
+                return out
+            llm.eval(out[-1:])
+
+    def run(batch: int, n: int = new_tokens) -> float:
+        assert batch == 1
+        t = time.perf_counter()
+        tokens(n)
+        return n / (time.perf_counter() - t)
+
+    return run, tokens
+
+
+def gguf_bytes(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+
+
+def greedy_agreement(base, tokens, n: int) -> dict:
+    """llama.cpp's f32 greedy ids against storygpt fp32: storygpt's logits teacher-forced on llama.cpp's
+    tokens (one forward), so its argmax at i (the end token barred) is its greedy choice after llama.cpp's
+    first i tokens; `agree` leading tokens are the same; |logit difference| over the tokens up to there. At
+    the first that is not (if any): |logit difference| there, and the top two tokens of each with their
+    margin. Also whether storygpt's own greedy story (generate) is the same text."""
+    theirs_logits: list = []
+    ids = tokens(n, theirs_logits)
+    seq = torch.tensor([[base.tokenizer.bos_id] + ids[:-1]])
+    with torch.no_grad():
+        ours = base.model(seq, targets=seq)[0][0].float()
+    theirs = torch.from_numpy(np.stack(theirs_logits)).float()
+    diff = (ours - theirs).abs().amax(-1)
+    ours[:, base.tokenizer.eos_id] = theirs[:, base.tokenizer.eos_id] = float("-inf")  # barred, as in decoding
+    mine = ours.argmax(-1).tolist()
+    agree = next((i for i, (a, b) in enumerate(zip(mine, ids)) if a != b), n)
+    text = base.generate("", temperature=0, max_new_tokens=n, ignore_eos=True)
+    out = {"tokens": n, "agree": agree, "text_matches": base.tokenizer.decode(ids).strip() == text.strip(),
+           "max_abs_logit_diff": round(diff[:agree + 1].max().item(), 6)}
+    if agree < n:
+        def top2(row):
+            v, i = row.topk(2)
+            return {"ids": i.tolist(), "margin": round((v[0] - v[1]).item(), 6)}
+        out["at_divergence"] = {"position": agree, "storygpt": top2(ours[agree]), "llama_cpp": top2(theirs[agree]),
+                                "max_abs_logit_diff": round(diff[agree].item(), 6)}
+    return out
+
+
+def agreement_line(a: dict) -> str:
+    line = (f"llama.cpp f32 greedy vs storygpt fp32: {a['agree']} of the first {a['tokens']} tokens agree, "
+            f"text {'identical' if a['text_matches'] else 'differs'}, max |logit difference| "
+            f"{a['max_abs_logit_diff']:.2g}")
+    if d := a.get("at_divergence"):
+        line += (f"; they part at token {d['position']}: storygpt's top two {d['storygpt']['ids']} "
+                 f"(margin {d['storygpt']['margin']:.2g}), llama.cpp's {d['llama_cpp']['ids']} (margin "
+                 f"{d['llama_cpp']['margin']:.2g}), |logit difference| there {d['max_abs_logit_diff']:.2g}")
+    return line
+
+
 def first_token(run, batch: int):
     """A call for one new token, timed by `alternate` (it returns None)."""
     return lambda: run(batch, 1) and None
@@ -124,6 +219,7 @@ def main() -> None:
     ap.add_argument("--heldout", default=str(HELDOUT) if HELDOUT.exists() else "none",
                     help="stories for the held-out bits/byte of fp32 vs int8 (none: skip)")
     ap.add_argument("--smoke", action="store_true", help="a few tokens, one round (checks the script works)")
+    add_arguments(ap)
     args = ap.parse_args()
     if args.smoke:
         args.new_tokens, args.rounds, args.no_compile = 8, 1, True
@@ -159,11 +255,24 @@ def main() -> None:
             n = min(64, base.model.cfg.max_seq_len)
             ours = base.generate("", temperature=0, max_new_tokens=n, ignore_eos=True)
             check = run_c_text(n).strip() == ours.strip()
+        agreement, llama = None, from_args(args, build=not args.smoke)  # smoke: only a build already cached
+        if llama is not None:
+            if args.new_tokens > base.model.cfg.max_seq_len - 1:
+                raise SystemExit(f"llama.cpp stops at the model's context: --new-tokens must be < {base.model.cfg.max_seq_len}")
+            llama_cpp = llama.llama_cpp()
+            for fmt in LLAMA_CPP_FORMATS:
+                gguf = export_gguf(base.model, base.tokenizer, work / f"gguf-{fmt}", fmt) / GGUF_FILE
+                name = f"llama.cpp {fmt} (llama-cpp-python)"
+                run, tokens = llama_cpp_contender(llama_cpp, gguf, base.model.cfg.max_seq_len, torch.get_num_threads(),
+                                                  args.new_tokens)
+                contenders[name], weights[name] = (fmt, run), gguf_bytes(gguf)
+                if fmt == "f32":
+                    agreement = greedy_agreement(base, tokens, args.new_tokens)
 
         rows = []
         for batch in batches:
             runs = {name: (lambda run=run, batch=batch: run(batch)) for name, (_, run) in contenders.items()
-                    if batch == 1 or not name.startswith("llama2.c")}
+                    if batch == 1 or not name.startswith(("llama2.c", "llama.cpp"))}
             for run in runs.values():
                 run()  # warm-up (and the compile, for the compiled rows)
             speeds = alternate(runs, args.rounds)
@@ -174,7 +283,10 @@ def main() -> None:
                              "tokens_per_s": round(median(speeds[name]), 1),
                              "time_to_first_token_ms": round(1000 * median(firsts[name]), 1) if name in firsts else None})
         run_c = next((r["tokens_per_s"] for r in rows if r["contender"].startswith("llama2.c")), None)
+        llama_rows = {LLAMA_CPP_FORMATS[r["dtype"]]: r["tokens_per_s"] for r in rows if r["contender"].startswith("llama.cpp")}
         for r in rows:
+            theirs = llama_rows.get(r["dtype"]) if r["batch"] == 1 and r["contender"].startswith("storygpt") else None
+            r["vs_llama_cpp"] = round(r["tokens_per_s"] / theirs, 2) if theirs else None
             hf = next((x["tokens_per_s"] for x in rows if x["contender"] == f"transformers {r['dtype']}"
                        and x["batch"] == r["batch"]), None)
             r["vs_transformers"] = round(r["tokens_per_s"] / hf, 2) if hf else None
@@ -185,6 +297,8 @@ def main() -> None:
             r["weights_mb"] = round(weights[r["contender"]] / 1e6, 1) if r["contender"] in weights else None
         result = header("decode", model=path, params=base.model.num_params(), new_tokens=args.new_tokens,
                         rounds=args.rounds, run_c_matches_storygpt=check, torch_threads=torch.get_num_threads(),
+                        llama_cpp=llama and llama.version, llama_cpp_threads=llama and torch.get_num_threads(),
+                        llama_cpp_greedy_vs_storygpt_fp32=agreement,
                         omp_threads=os.environ.get("OMP_NUM_THREADS"), heldout=None if bpb is None else args.heldout,
                         heldout_bits_per_byte=bpb, rows=rows)
         save(result, "decode", args.smoke)
@@ -195,6 +309,9 @@ def main() -> None:
           f"start token, median of {args.rounds} alternating rounds")
     if check is not None:
         print(f"run.c's greedy story {'matches' if check else 'DOES NOT match'} storygpt's (fp32, same weights)")
+    if llama is not None:
+        print(f"{llama.version}; {torch.get_num_threads()} threads")
+        print(agreement_line(agreement))
     if bpb is not None:
         change = bpb["int8"] - bpb["fp32"]
         print(f"held-out bits/byte ({args.heldout}{', first 5 stories' if args.smoke else ''}): fp32 {bpb['fp32']:.5f}, "
@@ -206,6 +323,7 @@ def main() -> None:
         else "—",
         "× transformers (same dtype)": lambda r: f"{r['vs_transformers']:.2f}" if r["vs_transformers"] else "—",
         "× run.c": lambda r: f"{r['vs_run_c']:.2f}" if r["vs_run_c"] else "—",
+        "× llama.cpp (f32/f16/q8_0)": lambda r: f"{r['vs_llama_cpp']:.2f}" if r["vs_llama_cpp"] else "—",
         "× storygpt fp32": lambda r: f"{r['vs_storygpt_fp32']:.2f}" if r["vs_storygpt_fp32"] else "—",
         "weights": lambda r: f"{r['weights_mb']:.1f} MB" if r["weights_mb"] is not None else "—",
     }))

@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py [--model DIR] [--concurrency 1 8 64 256] [--max-tokens 128] [--dtype fp32]
                                     [--max-concurrency N] [--baseline [REF]] [--threads N] [--compile] [--smoke]
+                                    [--no-llama-cpp] [--llama-cpp-sdist PATH]
 
 Starts `storygpt serve` (default: the shipped model) on a free 127.0.0.1 port with a queue as long as the
 largest load, sends one warm-up request, then for each --concurrency level N sends N streaming completions at
@@ -15,6 +16,14 @@ in benchmarks/results/serve_load.json.
 src/storygpt/batching.py) is unpacked into a temporary folder and run with this Python, one server after the
 other on the same machine. --threads N runs the servers with OMP_NUM_THREADS=N (torch threads). Servers are
 stopped at the end, whatever happens; every request has a timeout.
+
+Then llama.cpp's `llama-server` runs the same load through the same client code: the model exported with
+`storygpt export --format gguf` (f32 for --dtype fp32, else f16), `-np` storygpt's slots, continuous batching,
+a context of slots x the model's context (each slot the model's), `-t`/`-tb` the threads storygpt's server
+used (--threads, else torch's default), llama.cpp built from the source the llama-cpp-python sdist vendors
+(benchmarks/llamacpp.py: built once into a cache; skipped with one line where there is no compiler, with
+--no-llama-cpp, and in --smoke runs unless already built). Both servers get the same request: temperature 0.8,
+top-p 0.95, no top-k; llama-server also min-p 0 (its default chain has top-k 40 and min-p 0.05 on top).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +46,7 @@ from pathlib import Path
 
 import httpx
 from common import run_main
+from llamacpp import LlamaCpp, add_arguments, from_args
 from openai import APIStatusError, AsyncOpenAI
 
 from storygpt.model.device import machine_description
@@ -43,6 +54,8 @@ from storygpt.model.device import machine_description
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parent.parent
 PROMPT = "Once upon a time"
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # storygpt's defaults, sent to both servers
+LLAMA_SAMPLING = {"top_k": 0, "min_p": 0.0}  # llama-server's other defaults, off as storygpt has them
 
 
 def baseline_tree(ref: str | None, folder: Path) -> tuple[str, Path]:
@@ -81,11 +94,12 @@ def start_server(args, max_queue: int, source: Path | None = None) -> tuple[subp
     return server, line.split()[2]
 
 
-async def one(client: AsyncOpenAI, model: str, seed: int, max_tokens: int) -> dict:
+async def one(client: AsyncOpenAI, model: str, seed: int, max_tokens: int, extra: dict) -> dict:
     t0 = time.perf_counter()
     first, tokens, done = None, None, False
     stream = await client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, seed=seed,
-                                             stream=True, stream_options={"include_usage": True})
+                                             stream=True, stream_options={"include_usage": True}, **SAMPLING,
+                                             extra_body=extra or None)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text and first is None:
             first = time.perf_counter() - t0
@@ -98,15 +112,16 @@ async def one(client: AsyncOpenAI, model: str, seed: int, max_tokens: int) -> di
     return {"latency_s": time.perf_counter() - t0, "ttft_s": first or 0.0, "tokens": tokens}
 
 
-async def load(url: str, model: str, levels: list[int], max_tokens: int, timeout: float) -> list[tuple[list, float]]:
+async def load(url: str, model: str, levels: list[int], max_tokens: int, timeout: float,
+               extra: dict | None = None) -> list[tuple[list, float]]:
     """For each level, the results of that many requests sent at once (dicts or exceptions), and the wall time."""
     out = []
     async with AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=timeout) as client:
-        await one(client, model, seed=-1, max_tokens=8)  # warm-up
+        await one(client, model, -1, 8, extra)  # warm-up
         for n in levels:
             t0 = time.perf_counter()
             results = await asyncio.wait_for(
-                asyncio.gather(*(one(client, model, i, max_tokens) for i in range(n)), return_exceptions=True),
+                asyncio.gather(*(one(client, model, i, max_tokens, extra) for i in range(n)), return_exceptions=True),
                 timeout=timeout)
             out.append((results, time.perf_counter() - t0))
     return out
@@ -139,13 +154,77 @@ def measure(args, name: str, source: Path | None = None) -> tuple[str, list[dict
         model = health["models"][0]
         runs = asyncio.run(load(url, model, args.concurrency, args.max_tokens, args.timeout))
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
     return model, [row(name, health["max_concurrency"], n, results, wall, args)
                    for n, (results, wall) in zip(args.concurrency, runs)]
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure_llama_server(args, llama: LlamaCpp, slots: int, folder: Path) -> tuple[dict, list[dict]]:
+    """llama-server on the model's gguf export, `slots` slots, through the same client as storygpt serve."""
+    import torch
+
+    from storygpt.convert.gguf import GGUF_FILE, export_gguf
+    from storygpt.model import load_model, shipped_or
+
+    net, tokenizer, _ = load_model(shipped_or(args.model or "default"))
+    fmt = "f32" if args.dtype == "fp32" else "f16"
+    gguf = export_gguf(net, tokenizer, folder / "gguf", fmt) / GGUF_FILE
+    ctx, threads, port = net.cfg.max_seq_len, args.threads or torch.get_num_threads(), free_port()
+    cmd = [str(llama.server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-a", "storygpt-gguf",
+           "-np", str(slots), "-c", str(slots * ctx), "-cb", "-t", str(threads), "-tb", str(threads), "--no-webui"]
+    log = folder / "llama-server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # 503 while the model loads, 200 once it serves
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"llama-server did not start: {log.read_text()[-1500:]}")
+            time.sleep(0.2)
+        runs = asyncio.run(load(url + "/v1", "storygpt-gguf", args.concurrency, args.max_tokens, args.timeout,
+                                LLAMA_SAMPLING))
+    finally:
+        stop(server)
+    setup = {"version": llama.version, "gguf": fmt, "slots": slots, "context": slots * ctx, "threads": threads,
+             "command": " ".join(["llama-server", *cmd[1:2], "model.gguf", *cmd[3:]])}
+    rows = [row("llama-server", slots, n, results, wall, args) | {"compiled": None}
+            for n, (results, wall) in zip(args.concurrency, runs)]
+    return setup, rows
+
+
+def side_by_side(rows: list[dict]) -> str:
+    """storygpt's engine next to llama-server, one line per stream count."""
+    ours = {r["concurrency"]: r for r in rows if r["server"] == "engine" and r["completed"]}
+    theirs = {r["concurrency"]: r for r in rows if r["server"] == "llama-server" and r["completed"]}
+    lines = ["| streams | tokens/s storygpt / llama-server | × | p50 latency | p99 latency | p50 first token |",
+             "|---|---|---|---|---|---|"]
+    for n in sorted(set(ours) & set(theirs)):
+        a, b = ours[n], theirs[n]
+        lines.append(f"| {n} | {a['tokens_per_s']:,.0f} / {b['tokens_per_s']:,.0f} | "
+                     f"{a['tokens_per_s'] / b['tokens_per_s']:.2f} | {a['p50_latency_s']:.2f} / {b['p50_latency_s']:.2f} s "
+                     f"| {a['p99_latency_s']:.2f} / {b['p99_latency_s']:.2f} s | {a['p50_ttft_s']:.2f} / {b['p50_ttft_s']:.2f} s |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -163,6 +242,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds for each level")
     ap.add_argument("--smoke", action="store_true", help="8 requests of 8 tokens, nothing written")
     ap.add_argument("--out", default=str(RESULTS / "serve_load.json"))
+    add_arguments(ap)
     args = ap.parse_args()
     if args.smoke:
         args.concurrency, args.max_tokens = [8], 8
@@ -174,9 +254,14 @@ def main() -> None:
             commit, source = baseline_tree(args.baseline or None, Path(folder))
             baseline = f"per-request server of {commit}"
             rows += measure(args, f"per-request ({commit})", source)[1]
+    llama, llama_server = from_args(args, build=not args.smoke), None  # smoke: only a build already cached
+    if llama is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            llama_server, more = measure_llama_server(args, llama, rows[0]["server_slots_or_workers"], Path(folder))
+        rows += more
     result = {"benchmark": "serve_load", "model": model, "date": str(date.today()), "dtype": args.dtype,
               "machine": f"{machine_description()}, {os.cpu_count()} cores", "prompt": PROMPT,
-              "threads": args.threads or "default", "baseline": baseline,
+              "threads": args.threads or "default", "baseline": baseline, "llama_server": llama_server,
               "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               "command": " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]), "rows": rows}
     if not args.smoke:
@@ -184,6 +269,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"storygpt serve{' --compile' if args.compile else ''} --dtype {args.dtype}, model {model}; "
           f"{result['machine']}; load average {result['load_average']}")
+    if llama_server is not None:
+        print(f"llama-server: {llama_server['version']}; {llama_server['command']}")
+        print(side_by_side(rows))
     print("| server | slots / workers | requests | concurrency | max_tokens | p50 latency | p99 latency "
           "| p50 first token | tokens | tokens/s | 503s | failures |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
