@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +86,16 @@ def table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r) for fmt in columns.values()) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def stop_server(server: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a server process the benchmark started: SIGTERM (it drains and exits), SIGKILL after `timeout` s."""
+    server.terminate()
+    try:
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def run_main(main: Callable[[], None]) -> None:

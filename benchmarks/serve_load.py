@@ -45,7 +45,7 @@ from io import BytesIO
 from pathlib import Path
 
 import httpx
-from common import run_main
+from common import run_main, stop_server
 from llamacpp import LlamaCpp, add_arguments, from_args
 from openai import APIStatusError, AsyncOpenAI
 
@@ -154,18 +154,9 @@ def measure(args, name: str, source: Path | None = None) -> tuple[str, list[dict
         model = health["models"][0]
         runs = asyncio.run(load(url, model, args.concurrency, args.max_tokens, args.timeout))
     finally:
-        stop(server)
+        stop_server(server)
     return model, [row(name, health["max_concurrency"], n, results, wall, args)
                    for n, (results, wall) in zip(args.concurrency, runs)]
-
-
-def stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def free_port() -> int:
@@ -205,7 +196,7 @@ def measure_llama_server(args, llama: LlamaCpp, slots: int, folder: Path) -> tup
         runs = asyncio.run(load(url + "/v1", "storygpt-gguf", args.concurrency, args.max_tokens, args.timeout,
                                 LLAMA_SAMPLING))
     finally:
-        stop(server)
+        stop_server(server)
     setup = {"version": llama.version, "gguf": fmt, "slots": slots, "context": slots * ctx, "threads": threads,
              "command": " ".join(["llama-server", *cmd[1:2], "model.gguf", *cmd[3:]])}
     rows = [row("llama-server", slots, n, results, wall, args) | {"compiled": None}

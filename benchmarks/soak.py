@@ -61,7 +61,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
-from common import header, run_main
+from common import header, run_main, stop_server
 from matplotlib.figure import Figure
 
 from storygpt.errors import StoryGPTError
@@ -113,15 +113,6 @@ def start_server(args, log_file) -> tuple[subprocess.Popen, str]:
         raise StoryGPTError(f"storygpt serve did not start: {said[-1] if said else line.strip()!r}")
     threading.Thread(target=server.stdout.read, daemon=True).start()  # a full pipe would block the server
     return server, line.split()[2].removesuffix("/v1")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def process_sample(pid: int) -> dict:

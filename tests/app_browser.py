@@ -30,6 +30,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_answer(proc: subprocess.Popen, url: str, what: str, timeout: float, poll: float = 0.3) -> None:
+    """Poll `url` until it answers 200. Fails if `proc` (the server, `what`) exits first, with its output when
+    it is piped, or after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            said = f":\n{proc.stdout.read()}" if proc.stdout else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode}{said}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not answer on {url} within {timeout:.0f} s")
+        time.sleep(poll)
+
+
 @contextmanager
 def running_app(models: list[str] | None = None, timeout: float = 60.0):
     """Start `storygpt app` on a free port; yield its URL once it answers; stop it afterwards."""
@@ -40,19 +59,7 @@ def running_app(models: list[str] | None = None, timeout: float = 60.0):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"storygpt app exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"storygpt app did not answer on {url} within {timeout:.0f} s")
-            time.sleep(0.3)
+        wait_for_answer(proc, f"{url}/_stcore/health", "storygpt app", timeout)
         yield url
     finally:
         proc.terminate()  # `storygpt app` stops its Streamlit child on SIGTERM

@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from app_browser import CHROMIUM, CHROMIUM_ARGS, free_port
+from app_browser import CHROMIUM, CHROMIUM_ARGS, free_port, wait_for_answer
 
 SERVE_ISOLATED = ("import sys; from storygpt.convert.web import site_server; "
                   "site_server(sys.argv[1], int(sys.argv[2])).serve_forever()")
@@ -32,19 +30,7 @@ def static_server(site: str | Path, isolated: bool = False, timeout: float = 30.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the static server exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{url}/site.json", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the static server did not answer on {url} within {timeout:.0f} s")
-            time.sleep(0.1)
+        wait_for_answer(proc, f"{url}/site.json", "the static server", timeout, poll=0.1)
         yield url
     finally:
         proc.terminate()
