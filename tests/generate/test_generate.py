@@ -8,7 +8,14 @@ from conftest import run_cli
 
 import storygpt
 from storygpt.errors import StoryGPTError
-from storygpt.generate.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
+from storygpt.generate.sampling import (
+    NUCLEUS_CANDIDATES,
+    apply_repetition_penalty,
+    draw_tokens,
+    sampling_probs,
+    top_k_filter,
+    top_p_filter,
+)
 from storygpt.generate.story_model import StoryModel
 from storygpt.model.cache import KVCache
 from storygpt.model.config import ModelConfig
@@ -33,6 +40,56 @@ def test_top_p_mask_on_known_logits():
     assert keep(0.01) == [True, False, False, False]  # the most likely token always survives
     shuffled = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log()
     assert (top_p_filter(shuffled, 0.7) > NEG).tolist()[0] == [False, True, False, True]
+
+
+def reference_draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u: float) -> int:
+    """Inverse CDF over `sampling_probs`' distribution, one row, in plain Python: tokens from the most likely down
+    (top-p's order; the vocabulary's without top-p), the first whose cumulative probability passes u of the total."""
+    probs = sampling_probs(logits[None], temperature, top_k, top_p)[0].tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i]) if top_p < 1 else range(len(probs))
+    mass, target = 0.0, u * sum(probs)
+    for i in order:
+        mass += probs[i]
+        if mass > target:
+            return i
+    return order[-1]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 0.95), (1.0, 0, 0.5), (0.8, 40, 0.9),
+                                                      (1.3, 0, 0.999), (0.5, 7, 1.0)])
+def test_draw_tokens_is_inverse_cdf_of_sampling_probs(temperature, top_k, top_p):
+    """Each row's token is the one the reference picks for its uniform number; rows are independent; the rows
+    whose nucleus outgrows the candidates (flat rows) are sorted whole and still agree."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 4 * NUCLEUS_CANDIDATES
+    peaked = torch.randn(24, vocab, generator=g) * 4
+    flat = torch.randn(8, vocab, generator=g) * 0.05  # top-p needs far more than NUCLEUS_CANDIDATES tokens
+    logits = torch.cat([peaked, flat])
+    u = torch.rand(len(logits), generator=g)
+    got = draw_tokens(logits, temperature, top_k, top_p, u)
+    want = [reference_draw(logits[b], temperature, top_k, top_p, u[b].item()) for b in range(len(logits))]
+    mismatches = [b for b in range(len(logits)) if got[b].item() != want[b]]
+    # float32 cumulative sums may round a uniform that falls within ~1e-7 of a boundary to the neighbour
+    assert len(mismatches) <= 1, mismatches
+    for b in range(len(logits)):  # a row alone draws what it drew in the batch
+        assert draw_tokens(logits[b:b + 1], temperature, top_k, top_p, u[b:b + 1]).item() == got[b].item()
+
+
+def test_draw_tokens_frequencies_follow_the_filtered_distribution():
+    """Uniform numbers spread over [0, 1) hit each kept token in proportion to its probability, and never a
+    token that top-p removes."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    u = (torch.arange(10_000) + 0.5) / 10_000
+    got = draw_tokens(logits.expand(len(u), -1), 1.0, 0, 0.7, u)
+    counts = torch.bincount(got, minlength=4).tolist()
+    assert counts == [6250, 3750, 0, 0]  # 0.5 / 0.8 and 0.3 / 0.8 of the draws; 0.15 and 0.05 are cut
+    got = draw_tokens(logits.expand(len(u), -1), 1.0, 0, 1.0, u)
+    assert torch.bincount(got, minlength=4).tolist() == [5000, 3000, 1500, 500]
+    exact = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()  # probabilities exact in float32
+    got = draw_tokens(exact.expand(len(u), -1), 1.0, 0, 0.5, u)
+    assert torch.bincount(got, minlength=4).tolist() == [10_000, 0, 0, 0]  # the top token alone reaches 0.5
+    got = draw_tokens(exact.expand(len(u), -1), 1.0, 0, 0.75, u)
+    assert torch.bincount(got, minlength=4).tolist() == [6667, 3333, 0, 0]
 
 
 def test_repetition_penalty():

@@ -39,7 +39,7 @@ from storygpt.errors import StoryGPTError
 from storygpt.model.cache import KVCache, RowsCache
 
 from .guide import guide_for
-from .sampling import SamplingOptions, apply_repetition_penalty, sampling_probs
+from .sampling import SamplingOptions, apply_repetition_penalty, draw_tokens
 
 PREFILL_CHUNK = 64  # prompt tokens prefilled per step (the chunk that crosses it runs whole)
 MIN_LENGTH = 64  # the shortest cache length a compiled step attends over (see `length_buckets`)
@@ -108,7 +108,7 @@ class Story:
 
     @property
     def sampling(self) -> tuple:
-        """Stories with equal settings are filtered together (`sampling_probs`)."""
+        """Stories with equal settings are drawn together (`draw_tokens`)."""
         return self.opts.temperature, self.opts.top_k, self.opts.top_p
 
     @property
@@ -133,9 +133,9 @@ class Story:
             logits = self.guide.adjust(logits, live)
         return logits
 
-    def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """The next token of each of the n rows of `probs` (from `sampling_probs`), with this story's generator."""
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+    def uniforms(self) -> torch.Tensor:
+        """One uniform number per sample for this step's draw (`draw_tokens`), from this story's generator."""
+        return torch.rand(self.n, generator=self.generator, device=self.model.device)
 
     def advance(self, nxt: torch.Tensor, ctx: int) -> list[int]:
         """Take the next token of every sample (n,), send the new text, and return the slots of the samples that
@@ -260,9 +260,9 @@ class Batcher:
             scores = torch.cat([s for _, s in members]) if len(members) > 1 else members[0][1]
             if temperature == 0:
                 picks = scores.argmax(dim=-1).split([story.n for story, _ in members])
-            else:  # the filters for all rows at once, the draws with each story's generator
-                probs = sampling_probs(scores, temperature, top_k, top_p).split([story.n for story, _ in members])
-                picks = [story.draw(p) for (story, _), p in zip(members, probs)]
+            else:  # all rows at once, each story's with uniform numbers from its own generator
+                uniforms = torch.cat([story.uniforms() for story, _ in members])
+                picks = draw_tokens(scores, temperature, top_k, top_p, uniforms).split([story.n for story, _ in members])
             for (story, _), nxt in zip(members, picks):
                 self._finish(story, nxt)
 

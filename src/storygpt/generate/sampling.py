@@ -44,22 +44,57 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from (B, vocab) logits; temperature 0 = greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
-
-
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """The probabilities `sample_next` draws from (temperature > 0), row by row: rows of several stories with
-    the same settings can be filtered together and then drawn from with each story's own generator."""
+    """The probabilities `draw_tokens` draws from (temperature > 0), row by row: temperature, then top-k, then
+    top-p, as whole-vocabulary masks (the reference for `draw_tokens` and for the web page's sampling.js)."""
     # shifted so that the top logit is 0: a tiny temperature then gives -inf below it, never inf (and nan);
     # a temperature below float32's smallest normal number would round to a division by 0
     logits = logits.float()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     return top_p_filter(top_k_filter(logits, top_k), top_p).softmax(dim=-1)
+
+
+NUCLEUS_CANDIDATES = 128  # top-p looks for its tokens among this many of the most likely first (see `draw_tokens`)
+
+
+def draw_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                uniforms: torch.Tensor) -> torch.Tensor:
+    """The next token of each row of (B, vocab) logits (temperature > 0), drawn from `sampling_probs`' distribution
+    by inverse CDF: row b takes the first token, from the most likely down (in vocabulary order when top-p is off),
+    at which the cumulative probability of the kept tokens exceeds `uniforms[b]` (in [0, 1)) of their total. One uniform number per row, so rows of many
+    stories are drawn together while each story's numbers come from its own generator.
+
+    Top-p needs the tokens in order of probability: only the `NUCLEUS_CANDIDATES` most likely ones are sorted
+    (torch.topk), which nearly always hold top_p of the probability after a temperature; the rows where they do
+    not are sorted whole."""
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+    probs = top_k_filter(logits, top_k).softmax(dim=-1)
+    if top_p >= 1.0:  # every token kept: their order does not matter
+        return _search(probs.cumsum(dim=-1), uniforms)
+    top, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.size(-1)), dim=-1)
+    tokens = _nucleus(top, order, top_p, uniforms)
+    short = top.cumsum(dim=-1)[:, -1] < top_p
+    if bool(short.any()):
+        top, order = probs[short].sort(dim=-1, descending=True)
+        tokens[short] = _nucleus(top, order, top_p, uniforms[short])
+    return tokens
+
+
+def _nucleus(top: torch.Tensor, order: torch.Tensor, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """The draw among probabilities `top` sorted from the largest (their token ids `order`), keeping the smallest
+    set of them whose mass reaches top_p."""
+    before = top.cumsum(dim=-1) - top  # mass of the tokens ranked above each one
+    keep = before < top_p
+    keep[:, 0] = True  # the top token always stays (a tiny p can round to 0)
+    return order.gather(1, _search((top * keep).cumsum(dim=-1), uniforms)[:, None]).squeeze(1)
+
+
+def _search(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index at which `cdf` exceeds uniforms[b] x its last value (never past the last index:
+    rounding cannot pick a token beyond the row)."""
+    found = torch.searchsorted(cdf, (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return found.clamp_(max=cdf.size(-1) - 1)
 
 
 @dataclass
