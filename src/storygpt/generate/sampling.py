@@ -59,10 +59,11 @@ NUCLEUS_CANDIDATES = 128  # top-p looks for its tokens among this many of the mo
 
 def draw_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 uniforms: torch.Tensor) -> torch.Tensor:
-    """The next token of each row of (B, vocab) logits (temperature > 0), drawn from `sampling_probs`' distribution
-    by inverse CDF: row b takes the first token, from the most likely down (in vocabulary order when top-p is off),
-    at which the cumulative probability of the kept tokens exceeds `uniforms[b]` (in [0, 1)) of their total. One uniform number per row, so rows of many
-    stories are drawn together while each story's numbers come from its own generator.
+    """The next token of each row of (B, vocab) logits (temperature > 0), drawn from `sampling_probs`'
+    distribution by inverse CDF: row b takes the first token, from the most likely down (in vocabulary order when
+    top-p is off), at which the cumulative probability of the kept tokens exceeds `uniforms[b]` (in [0, 1)) of
+    their total. One uniform number per row, so rows of many stories are drawn together while each story's
+    numbers come from its own generator.
 
     Top-p needs the tokens in order of probability: only the `NUCLEUS_CANDIDATES` most likely ones are sorted
     (torch.topk), which nearly always hold top_p of the probability after a temperature; the rows where they do
