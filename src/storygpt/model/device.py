@@ -8,6 +8,7 @@ fp32 in our measurements, so "auto" picks fp32 there.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import shutil
 import sys
@@ -88,6 +89,23 @@ def maybe_compile(fn, device: torch.device, **options):
               file=sys.stderr)
         return fn
     return torch.compile(fn, **options)
+
+
+def release_cpu_threads() -> bool:
+    """Hand back the calling thread's idle OpenMP worker threads (`omp_pause_resource_all`, OpenMP 5), where
+    torch's OpenMP runtime has it; True if it did. Call it on a thread that has run torch's CPU kernels (loading a
+    model) before another thread does the work (a decoding thread).
+
+    Why: torch's CPU kernels run on an OpenMP team per calling thread. GNU OpenMP counts the workers of every
+    team, and when they outnumber the cores it lets an idle worker spin only ~100 times before it sleeps, so
+    every kernel of the busy thread waits for its worker to wake. A server that loads its models on the main
+    thread and decodes on another decoded a third slower on 2 cores until the main thread's team was released."""
+    try:
+        pause = ctypes.CDLL(None).omp_pause_resource_all
+    except (AttributeError, OSError):
+        return False
+    pause.restype, pause.argtypes = ctypes.c_int, [ctypes.c_int]
+    return pause(1) == 0  # omp_pause_soft: the threads end; the next parallel region starts a new team
 
 
 def machine_description() -> str:

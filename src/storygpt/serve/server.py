@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from storygpt.errors import StoryGPTError
+from storygpt.model.device import release_cpu_threads
 
 from .drain import DrainingServer
 from .models import load_models
@@ -65,6 +66,7 @@ def serve(models: Sequence[str | os.PathLike | None] | None = None, host: str = 
         for name, engine in app.state.engines.items():
             print(f"storygpt serve: compiling {name} ...", file=sys.stderr, flush=True)
             engine.warm_up()
+    release_cpu_threads()  # the main thread loaded (and compiled): its idle OpenMP team would slow the decoding
     if not is_loopback(host) and not api_key:
         print(f"storygpt serve: warning: listening on {host} without --api-key: anyone who can reach this port "
               f"can use the models", file=sys.stderr)
