@@ -126,6 +126,53 @@ def test_joining_and_leaving_mid_batch_gives_the_stories_alone(tiny):
     assert runs[3].stats["tokens_per_sample"] == [6] and runs[7].stats["tokens_per_sample"] == [20] * 3
 
 
+@pytest.mark.parametrize("options", [{"temperature": 0}, {"temperature": 1.0, "seed": 3}])
+def test_prompts_that_arrive_together_are_prefilled_together(tiny, monkeypatch, options):
+    """Stories that join at the same step with prompts of one length, in consecutive slots, are prefilled in one
+    forward pass (a prompt of another length, or one of several chunks, in its own); each story, greedy or
+    seeded, still equals the story alone (its first token comes from its own row of the pass), and a shared
+    prompt's samples all get its cache."""
+    greedy = {**options, "ignore_eos": True, "max_new_tokens": 12}
+    by_length: dict[int, list[str]] = {}
+    for name in ("Tom", "Lily", "Ben", "Sam", "Mia", "Sue", "Max", "Tim", "Ann", "Dan", "Bob", "Kim"):
+        for rest in ("had a", "saw the", "went to"):
+            by_length.setdefault(tiny.count_tokens(f"{name} {rest}"), []).append(f"{name} {rest}")
+    length = max(by_length, key=lambda n: len(by_length[n]))
+    # four different prompts of one length, sorted by their last word, so that the third (two samples) does not
+    # end as the first two do (a tiny model's next token depends on little more than the last word)
+    same = sorted(by_length[length], key=lambda text: text.split()[-1])[:4]
+    other = next(group[0] for n, group in by_length.items() if n != length)
+    prompts = [(same[0], 1), (same[1], 1), (same[2], 2), (other, 1), (same[3], 1), (LONG, 1)]  # slots 0, 1, 2-3, ...
+    lengths = [tiny.count_tokens(p) for p, _ in prompts]
+    batcher = Batcher(tiny, slots=7, prefill_chunk=64)
+    calls = []
+    forward = tiny.model.forward
+    monkeypatch.setattr(tiny.model, "forward", lambda idx, *a, **k: calls.append(tuple(idx.shape)) or
+                        forward(idx, *a, **k))
+    last_logits = {}  # per story, the logits its first token is drawn from
+    prefilled = Batcher._prefilled
+
+    def record(self, story, T, logits, ready):
+        last_logits[story] = logits[:, -1].clone()
+        prefilled(self, story, T, logits, ready)
+    monkeypatch.setattr(Batcher, "_prefilled", record)
+    runs = [Run(tiny, prompt, n, **greedy) for prompt, n in prompts]
+    for run in runs:
+        batcher.add(run.story)
+    batcher.step()
+    T = lengths[0] + 1  # and the start-of-story token
+    assert calls[:3] == [(3, T), (1, lengths[3] + 1), (1, T)], calls  # `other` splits the run of equal lengths
+    for run in runs[:5]:  # each story's own row of the pass: the logits of its prompt alone
+        with torch.inference_mode():
+            want = tiny.model(torch.tensor([run.story.prompt_ids]))[0][:, -1]
+        torch.testing.assert_close(last_logits[run.story], want, rtol=1e-4, atol=1e-4)
+    while batcher.stories:
+        batcher.step()
+    monkeypatch.undo()
+    for run, (prompt, n) in zip(runs, prompts):
+        assert run.texts == alone(tiny, prompt, n, **greedy), prompt
+
+
 def test_seeds_and_options_per_story_in_one_batch(tiny):
     """Each story samples with its own seed and options (temperature, top_k, top_p, repetition penalty, stop
     strings, max_tokens) in a shared batch, and writes what it writes alone."""

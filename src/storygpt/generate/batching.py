@@ -239,11 +239,22 @@ class Batcher:
         """One token for every story that has its prompt in the cache; prefill for those that do not yet."""
         ready: list[tuple[Story, torch.Tensor, torch.Tensor | None]] = []
         budget = self.prefill_chunk  # prompt tokens for this step; the chunk that crosses it runs whole
+        together: list[Story] = []  # whole prompts of one row, of one length, in consecutive slots: one forward
         for story in self.stories:
             while story.pending is not None and budget > 0:
+                T = story.pending.size(1) - story.offset
+                if T <= self.prefill_chunk and (story.shared or len(story.live) == 1):  # the rest in one chunk
+                    if together and not self._joins(together[-1], story, T):
+                        self._prefill_together(together, ready)
+                        together = []
+                    together.append(story)
+                    budget -= T
+                    break
                 budget -= self._prefill(story, ready)
             if budget <= 0:
                 break
+        if together:
+            self._prefill_together(together, ready)
         decoding = [story for story in self.stories if story.next is not None]
         if decoding:
             ready += self._decode(decoding)
@@ -275,21 +286,48 @@ class Batcher:
         """Feed the next chunk of a story's pending tokens into its slots; returns the tokens fed."""
         T = min(self.prefill_chunk, story.pending.size(1) - story.offset)
         chunk = story.pending[:, story.offset:story.offset + T]
-        live = story.live
-        rows = [story.slots[live[0]]] if story.shared else [story.slots[i] for i in live]
+        rows = self._prefill_rows(story)
         logits = torch.cat([self.net(chunk[j:j + 1], cache=self.cache.rows(slice(s, s + 1), story.cached))[0]
                             for j, s in enumerate(rows)])
+        self._prefilled(story, T, logits, ready)
+        return T * len(rows)
+
+    def _prefill_together(self, stories: list[Story], ready: list) -> None:
+        """Feed the pending tokens of stories that `_joins` put together (one row each, the same length and
+        cached length, consecutive slots) in one forward pass over their rows of the cache."""
+        first, T, cached = self._prefill_rows(stories[0])[0], stories[0].pending.size(1) - stories[0].offset, \
+            stories[0].cached
+        chunk = torch.cat([story.pending[:1, story.offset:] for story in stories])
+        logits = self.net(chunk, cache=self.cache.rows(slice(first, first + len(stories)), cached))[0]
+        for j, story in enumerate(stories):
+            self._prefilled(story, T, logits[j:j + 1], ready)
+
+    def _joins(self, last: Story, story: Story, T: int) -> bool:
+        """Whether `story`'s prompt (T tokens) can be prefilled in one forward pass with `last`'s."""
+        return (T == last.pending.size(1) - last.offset and story.cached == last.cached
+                and self._prefill_rows(story)[0] == self._prefill_rows(last)[0] + 1)
+
+    @staticmethod
+    def _prefill_rows(story: Story) -> list[int]:
+        """The slots a story's pending tokens go into: one for a prompt all samples share, else each live one's."""
+        live = story.live
+        return [story.slots[live[0]]] if story.shared else [story.slots[i] for i in live]
+
+    def _prefilled(self, story: Story, T: int, logits: torch.Tensor, ready: list) -> None:
+        """T more of the story's pending tokens are in the cache, with `logits` (rows, T, vocab) for them; once
+        all are, the other samples get a copy of a shared prompt's cache and the story is ready to sample."""
         story.cached += T
         story.offset += T
         if story.offset == story.pending.size(1):
             story.pending = None
+            live = story.live
             if story.shared and len(live) > 1:  # every sample starts from the same prompt: copy its cache
-                first, others = rows[0], torch.tensor([story.slots[i] for i in live[1:]], device=logits.device)
+                first = story.slots[live[0]]
+                others = torch.tensor([story.slots[i] for i in live[1:]], device=logits.device)
                 for buf in self.cache.k + self.cache.v:
                     buf[others, :, :story.cached] = buf[first, :, :story.cached]
                 logits = logits.repeat(len(live), 1, 1)
             ready.append((story, logits[:, -1], None))
-        return T * len(rows)
 
     def _decode(self, stories: list[Story]) -> list[tuple[Story, torch.Tensor, torch.Tensor | None]]:
         """One batched forward pass: the latest token of every live sample of `stories`, each at its position.
