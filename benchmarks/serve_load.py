@@ -4,11 +4,12 @@
                                     [--max-concurrency N] [--baseline [REF]] [--threads N] [--compile] [--smoke]
                                     [--no-llama-cpp] [--llama-cpp-sdist PATH]
 
-Starts `storygpt serve` (default: the shipped model) on a free 127.0.0.1 port with a queue as long as the
-largest load, sends one warm-up request, then for each --concurrency level N sends N streaming completions at
-once (prompt "Once upon a time", seeds 0..N-1, sampled, so stories may end before --max-tokens) and waits for
-all of them. Reports per level: latency (request sent to `[DONE]`) p50/p99, time to first token, total new
-tokens per second of wall time, 503 answers (queue full) and other failures, as a markdown table and as JSON
+Starts `storygpt serve` on one model (default: the shipped model; a server of two models would give each half
+the cores) on a free 127.0.0.1 port with a queue as long as the largest load, sends one warm-up request, then
+for each --concurrency level N sends N streaming completions at once (prompt "Once upon a time", seeds
+0..N-1, sampled, so stories may end before --max-tokens) and waits for all of them. Reports per level:
+latency (request sent to `[DONE]`) p50/p99, time to first token, total new tokens per second of wall time,
+503 answers (queue full) and other failures, as a markdown table and as JSON
 in benchmarks/results/serve_load.json.
 
 --baseline also measures the server as it was before continuous batching (one worker thread per request,
@@ -77,7 +78,8 @@ def start_server(args, max_queue: int, source: Path | None = None) -> tuple[subp
     """`storygpt serve --port 0` (from `source` when given), and the URL it prints once it listens."""
     cmd = [sys.executable, "-m", "storygpt", "serve", "--port", "0", "--log-level", "warning",
            "--max-queue", str(max_queue), "--dtype", args.dtype]
-    cmd += ["--model", args.model] if args.model else []
+    if args.model or source is None:  # one model, as llama-server serves: all the cores are its (older trees: theirs)
+        cmd += ["--model", args.model or "default"]
     cmd += ["--max-concurrency", str(args.max_concurrency)] if args.max_concurrency else []
     cmd += ["--compile"] if args.compile else []
     env = dict(os.environ)
