@@ -10,7 +10,8 @@ import torch
 
 import storygpt
 from storygpt.generate import batching
-from storygpt.generate.batching import Batcher, extended_text, length_bucket, length_buckets
+from storygpt.generate.batching import Batcher, length_bucket, length_buckets
+from storygpt.generate.story_text import extended_text
 from storygpt.generate.story_model import greedy_step
 from storygpt.model.cache import KVCache
 from storygpt.model.config import ModelConfig

@@ -27,7 +27,6 @@ and the web app run every request in one shared Batcher per model on a decoding 
 
 from __future__ import annotations
 
-import functools
 import heapq
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from storygpt.model.cache import KVCache, RowsCache
 
 from .guide import guide_for
 from .sampling import SamplingOptions, apply_repetition_penalty, draw_tokens
+from .story_text import extended_text, first_stop
 
 PREFILL_CHUNK = 64  # prompt tokens prefilled per step (the chunk that crosses it runs whole)
 MIN_LENGTH = 64  # the shortest cache length a compiled step attends over (see `length_buckets`)
@@ -158,7 +158,7 @@ class Story:
             text = self.texts[i][len(self.base_text):]
             if self.guide is not None:
                 self.guide.observe(i, picked[i], text)
-            cut = _first_stop(text, opts.stop)
+            cut = first_stop(text, opts.stop)
             if cut is not None:
                 text = text[:cut]
             finished = final or cut is not None or picked[i] == tok.eos_id
@@ -381,14 +381,10 @@ class Batcher:
         cache length (`length_bucket`) now."""
         if self.compiled is None:
             return
-        size = 1
-        while True:
+        for size in (1 << i for i in range((self.slots - 1).bit_length() + 1)):  # 1, 2, 4, ... up to >= slots
             zeros = torch.zeros(size, dtype=torch.long, device=self.model.device)
             for length in length_buckets(self.ctx):
                 self.compiled(zeros[:, None], zeros + self.slots, zeros, self.cache, length)
-            if size >= self.slots:
-                break
-            size *= 2
 
 
 def length_buckets(ctx: int) -> list[int]:
@@ -402,30 +398,3 @@ def length_buckets(ctx: int) -> list[int]:
 def length_bucket(needed: int, ctx: int) -> int:
     """The shortest of `length_buckets(ctx)` that holds `needed` positions."""
     return next(n for n in length_buckets(ctx) if n >= needed)
-
-
-def extended_text(tokenizer, row: list[int], text: str, token: int) -> str:
-    """`tokenizer.decode(row + [token])`, given `text` = `tokenizer.decode(row)`: the text grows by the new
-    token's piece when both it and the row's last token are plain pieces (`piece_texts`), else the row is decoded
-    again. A story's text then costs O(1) per token instead of O(its length)."""
-    pieces = piece_texts(tokenizer)
-    if row and max(token, row[-1]) < len(pieces) and pieces[token] is not None and pieces[row[-1]] is not None:
-        return text + pieces[token]
-    return tokenizer.decode(row + [token])
-
-
-@functools.cache
-def piece_texts(tokenizer) -> list[str | None]:
-    """Per token id, the text it adds after another such token (its piece, "▁" as a space), or None for
-    byte, control, unknown and unused tokens and the start- and end-of-story tokens. SentencePiece decodes a
-    plain piece that follows a plain piece by appending it: only the text's first piece loses its leading
-    space, and byte pieces combine into UTF-8 characters (so a row ending in one is decoded again)."""
-    sp = tokenizer.sp
-    special = {tokenizer.bos_id, tokenizer.eos_id}
-    return [None if i in special or sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
-            else sp.id_to_piece(i).replace("▁", " ") for i in range(sp.get_piece_size())]
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
