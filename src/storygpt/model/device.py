@@ -101,8 +101,8 @@ def release_cpu_threads() -> bool:
     every kernel of the busy thread waits for its worker to wake. A server that loads its models on the main
     thread and decodes on another decoded a third slower on 2 cores until the main thread's team was released."""
     try:
-        pause = ctypes.CDLL(None).omp_pause_resource_all
-    except (AttributeError, OSError):
+        pause = ctypes.CDLL(None).omp_pause_resource_all  # the process's symbols (Windows has no such handle)
+    except (AttributeError, OSError, TypeError):
         return False
     pause.restype, pause.argtypes = ctypes.c_int, [ctypes.c_int]
     return pause(1) == 0  # omp_pause_soft: the threads end; the next parallel region starts a new team
