@@ -295,10 +295,10 @@ class Batcher:
     def _prefill_together(self, stories: list[Story], ready: list) -> None:
         """Feed the pending tokens of stories that `_joins` put together (one row each, the same length and
         cached length, consecutive slots) in one forward pass over their rows of the cache."""
-        first, T, cached = self._prefill_rows(stories[0])[0], stories[0].pending.size(1) - stories[0].offset, \
-            stories[0].cached
+        head = stories[0]
+        first, T = self._prefill_rows(head)[0], head.pending.size(1) - head.offset
         chunk = torch.cat([story.pending[:1, story.offset:] for story in stories])
-        logits = self.net(chunk, cache=self.cache.rows(slice(first, first + len(stories)), cached))[0]
+        logits = self.net(chunk, cache=self.cache.rows(slice(first, first + len(stories)), head.cached))[0]
         for j, story in enumerate(stories):
             self._prefilled(story, T, logits[j:j + 1], ready)
 
@@ -337,9 +337,11 @@ class Batcher:
         for story in stories:
             story.cached += 1
             story.next = None
+        def greedy(story: Story) -> torch.Tensor | None:  # the compiled step's greedy tokens that fit its options
+            return None if top is None else top_no_eos if story.opts.ignore_eos else top
+
         if len(stories) == 1:  # one story (all of StoryModel.generate): its rows in the order of its live samples
-            story = stories[0]
-            return [(story, logits, None if top is None else top_no_eos if story.opts.ignore_eos else top)]
+            return [(stories[0], logits, greedy(stories[0]))]
         out: dict[int, list[int]] = {}
         for j, r in enumerate(rows):
             out.setdefault(r[3], []).append(j)
@@ -347,8 +349,7 @@ class Batcher:
         picked = []
         for k, story in enumerate(stories):
             index = torch.tensor(out[k], device=logits.device)
-            greedy = None if top is None else (top_no_eos if story.opts.ignore_eos else top)[index]
-            picked.append((story, logits[index], greedy))
+            picked.append((story, logits[index], None if top is None else greedy(story)[index]))
         return picked
 
     def forward(self, slots: list[int], tokens: list[int], positions: list[int]) -> tuple:

@@ -47,11 +47,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """The probabilities `draw_tokens` draws from (temperature > 0), row by row: temperature, then top-k, then
     top-p, as whole-vocabulary masks (the reference for `draw_tokens` and for the web page's sampling.js)."""
-    # shifted so that the top logit is 0: a tiny temperature then gives -inf below it, never inf (and nan);
-    # a temperature below float32's smallest normal number would round to a division by 0
+    return top_p_filter(top_k_filter(_tempered(logits, temperature), top_k), top_p).softmax(dim=-1)
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits divided by the temperature, shifted so that the top logit is 0: a tiny temperature then gives
+    -inf below it, never inf (and nan); a temperature below float32's smallest normal number would round to a
+    division by 0."""
     logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
-    return top_p_filter(top_k_filter(logits, top_k), top_p).softmax(dim=-1)
+    return (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
 
 
 NUCLEUS_CANDIDATES = 128  # top-p looks for its tokens among this many of the most likely first (see `draw_tokens`)
@@ -68,9 +72,7 @@ def draw_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     Top-p needs the tokens in order of probability: only the `NUCLEUS_CANDIDATES` most likely ones are sorted
     (torch.topk), which nearly always hold top_p of the probability after a temperature; the rows where they do
     not are sorted whole."""
-    logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
-    probs = top_k_filter(logits, top_k).softmax(dim=-1)
+    probs = top_k_filter(_tempered(logits, temperature), top_k).softmax(dim=-1)
     if top_p >= 1.0:  # every token kept: their order does not matter
         return _search(probs.cumsum(dim=-1), uniforms)
     top, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.size(-1)), dim=-1)
