@@ -33,6 +33,7 @@ from .batching import Batcher, Done, Piece, Story
 from .sampling import SamplingOptions
 
 MAX_SAMPLES = 64
+AUTOTUNE_ROWS = 4  # a compiled step of up to this many rows times its matrix products' kernels (`_frozen`)
 INSTRUCTIONS = ("words", "sentence", "features", "summary", "character", "request")  # generate()'s instruction keywords
 
 
@@ -242,13 +243,20 @@ def _frozen(step, device: torch.device, freezing: bool = True):
     decoding with already compiled shapes never wait. Decoding never changes the weights. int8 weights that
     are dequantized for their products (CPUs without native bf16) are compiled without freezing: it would
     fold the dequantization into fp32 copies (int8's memory saving lost); those multiplied by
-    `_weight_int8pack_mm` stay int8 frozen (1.05x the tokens/s of unfrozen at batch 1). One graph per
-    (batch size, length): up to 7 x 4 of them per model, and the models of a process share the step's code,
+    `_weight_int8pack_mm` stay int8 frozen (1.05x the tokens/s of unfrozen at batch 1). Graphs of up to
+    AUTOTUNE_ROWS rows also time each matrix product as inductor's C++ GEMM template against aten's kernel and keep
+    the faster (1.3x the tokens/s at batch 1 in int8, 1.9x in bf16, 3.3x in fp32; compiling takes longer). One graph
+    per (batch size, length): up to 7 x 4 of them per model, and the models of a process share the step's code,
     where dynamo counts them against its recompile limit (8 by default)."""
     # realize_cpu_opcount_threshold: a pointwise result of more than 8 ops is computed once into a buffer; at the
     # default (50) the query's RoPE was fused into the attention's dot products and recomputed for every cached
     # key: 1.6 of a 64-row step's 2.5 ms per layer (bf16, here); 15 -> 10 ms a step, batch 1 unchanged or faster
     options = {"freezing": freezing, "cpp_wrapper": device.type == "cpu", "realize_cpu_opcount_threshold": 8}
+    # max_autotune: each matrix product of a graph of up to AUTOTUNE_ROWS rows is timed once as inductor's own C++
+    # GEMM template and as aten's kernel, and the faster is kept (here the template: batch 1 int8 1,298 -> 1,686
+    # tokens/s, bf16 882 -> 1,548; 4 rows bf16 2.0 -> 1.4 ms a step); at 8 rows and more it was slower in the
+    # step (8 rows bf16 2.8 -> 3.4 ms), so bigger batches keep aten's kernels without the timing's compile cost
+    tuned = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if device.type == "cpu" else {}
     limits = {"recompile_limit": 1024, "accumulated_recompile_limit": 4096}
     compiled_shapes: set = set()
     lock = threading.Lock()
@@ -257,7 +265,8 @@ def _frozen(step, device: torch.device, freezing: bool = True):
         key = (idx.shape, args[-1])
         if key in compiled_shapes:
             return step(idx, *args)
-        with lock, torch._inductor.config.patch(options), torch._dynamo.config.patch(limits):
+        patch = {**options, **(tuned if idx.size(0) <= AUTOTUNE_ROWS else {})}
+        with lock, torch._inductor.config.patch(patch), torch._dynamo.config.patch(limits):
             out = step(idx, *args)
             compiled_shapes.add(key)
             return out
