@@ -30,12 +30,15 @@ round; medians are reported, with ratios against transformers at the same dtype,
 llama.cpp at batch 1 in the nearest format (fp32: f32, bf16: f16, int8: q8_0), and (int8) against storygpt
 fp32 run the same way. The weights' memory is reported for the storygpt rows,
 and the held-out bits/byte of fp32 and int8 (default: ../shared/data/tinystories/heldout.txt, where it
-exists; --heldout none skips it; --smoke scores its first few stories).
+exists; --heldout none skips it; --smoke scores its first few stories): scored by `evaluate` (whole windows), and
+for the compiled bf16 and int8 paths also token by token through their batch-1 decoding graphs, the kernels timed
+here (the same stream and windows; --smoke: the eager paths).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -53,6 +56,8 @@ import storygpt
 from storygpt.convert.export import export_hf, export_llama2c
 from storygpt.convert.gguf import GGUF_FILE, export_gguf
 from storygpt.eval import evaluate
+from storygpt.eval.bpb import text_stream, windows
+from storygpt.generate.batching import Batcher
 from storygpt.model import DTYPES, pick_dtype
 from storygpt.model.quantize import weight_bytes
 from storygpt.text import EOS_TEXT, expand_inputs, iter_stories
@@ -70,13 +75,29 @@ def storygpt_contender(path, dtype: str, compile: bool, new_tokens: int):
     return model, run
 
 
-def heldout_bpb(path, heldout: Path, work: Path, stories: int | None) -> dict[str, float]:
-    """Held-out bits per byte of the fp32 and int8 weights (`stories`: only the first ones)."""
+def heldout_bpb(path, heldout: Path, work: Path, stories: int | None, decoders: dict) -> dict[str, float]:
+    """Held-out bits per byte of the fp32 and int8 weights (`evaluate`: whole windows at once), and of each of
+    `decoders` (name -> StoryModel) token by token as it decodes (`stories`: only the first ones)."""
     if stories is not None:
         first = [s for _, s in zip(range(stories), iter_stories(expand_inputs([heldout])))]
         heldout = work / "heldout.txt"
         heldout.write_text("".join(f"{s}\n{EOS_TEXT}\n" for s in first), encoding="utf-8")
-    return {dt: evaluate(path, text=[heldout], device="cpu", dtype=dt)["bits_per_byte"] for dt in ("fp32", "int8")}
+    bpb = {dt: evaluate(path, text=[heldout], device="cpu", dtype=dt)["bits_per_byte"] for dt in ("fp32", "int8")}
+    return bpb | {f"{name}, token by token": stepwise_bpb(model, heldout) for name, model in decoders.items()}
+
+
+@torch.inference_mode()
+def stepwise_bpb(model, heldout: Path) -> float:
+    """Held-out bits per byte of a model as it decodes: `evaluate`'s token stream and windows, each window's tokens
+    fed one at a time through a one-slot Batcher (a compiled model: its batch-1 graphs, the kernels timed above)."""
+    tokens, nbytes = text_stream(model.tokenizer, [heldout])
+    batcher, nats = Batcher(model, slots=1), 0.0
+    for start, end, scored_after in windows(len(tokens), model.context, model.context // 2):
+        for j, p in enumerate(range(start, end)):
+            logits = batcher.forward([0], [int(tokens[p])], [j])[0][0].float()
+            if p + 1 > scored_after:
+                nats -= torch.log_softmax(logits, dim=-1)[tokens[p + 1]].item()
+    return nats / math.log(2) / nbytes
 
 
 def hf_contender(hf_dir: Path, dtype: torch.dtype, start_id: int, new_tokens: int):
@@ -235,16 +256,19 @@ def main() -> None:
 
         contenders: dict[str, tuple[str, object]] = {}  # name -> (dtype, run(batch, n))
         weights: dict[str, int] = {}  # storygpt contender -> bytes of its weights
+        decoders: dict = {}  # the fastest storygpt paths (compiled bf16 and int8), scored on held-out text as they decode
         for dt in dtypes + ["int8"]:
             for compiled in ([False] if args.no_compile else [False, True]):
                 name = f"storygpt {dt}" + (" compiled" if compiled else "")
                 model, run = storygpt_contender(path, dt, compiled, args.new_tokens)
                 contenders[name], weights[name] = (dt, run), weight_bytes(model.model)
+                if dt != "fp32" and compiled != args.smoke:  # --smoke: eager ones, to check the scoring runs
+                    decoders[name] = model
             if dt != "int8":
                 contenders[f"transformers {dt}"] = (dt, hf_contender(work / "hf", DTYPES[dt], start_id, args.new_tokens)[1])
         bpb = None
         if args.heldout != "none":
-            bpb = heldout_bpb(path, Path(args.heldout), work, 5 if args.smoke else None)
+            bpb = heldout_bpb(path, Path(args.heldout), work, 5 if args.smoke else None, decoders)
         check = None
         if args.llama2c:
             binary = build_run_c(args.llama2c, work)
@@ -316,6 +340,9 @@ def main() -> None:
         change = bpb["int8"] - bpb["fp32"]
         print(f"held-out bits/byte ({args.heldout}{', first 5 stories' if args.smoke else ''}): fp32 {bpb['fp32']:.5f}, "
               f"int8 {bpb['int8']:.5f} ({change:+.5f}, {100 * change / bpb['fp32']:+.3f}%)")
+        for name, value in bpb.items():
+            if name not in ("fp32", "int8"):
+                print(f"  {name}: {value:.5f} ({value - bpb['fp32']:+.5f} against fp32)")
     print(table(rows, {
         "contender": lambda r: r["contender"], "batch": lambda r: str(r["batch"]),
         "tokens/s": lambda r: f"{r['tokens_per_s']:,.0f}",
