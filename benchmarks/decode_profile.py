@@ -11,8 +11,8 @@ only where the CPU computes it natively):
   graphs) in a tight loop, without sampling or text;
 - the loop's own time per token is the difference;
 - matmuls alone: the step's matrix products (every Linear on one row of activations), run as the step runs
-  them (eagerly, or compiled alone with the step's freezing and C++ wrapper options); the rest of the step
-  (attention over the cache, norms, RoPE, the compiled call itself) is the difference;
+  them (eagerly, or compiled alone with the batch-1 step's freezing, C++ wrapper and autotuned GEMM options); the
+  rest of the step (attention over the cache, norms, RoPE, the compiled call itself) is the difference;
 - eager paths: a torch.profiler trace of one full loop, its self CPU time split into matmuls (linear/mm/bmm/
   oneDNN/int8 kernels), other aten ops, and the rest (Python, not seen by the profiler), per token (the
   profiler inflates them). In a compiled path with the C++ wrapper the profiler sees none of the kernels.
@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import storygpt
 from storygpt.generate.batching import Batcher
+from storygpt.generate.story_model import CPU_AUTOTUNE
 from storygpt.model.device import cpu_has_native_bf16
 
 MATMUL = ("linear", "mm", "addmm", "bmm", "matmul", "mkldnn", "onednn", "_weight_int8pack_mm", "baddbmm")
@@ -64,7 +65,8 @@ def matmuls_alone(model, tokens: int):
         return [m(x) for m, x in zip(linears, xs)]
     if model.decode_step is not None:
         frozen = model.weights != "int8"
-        with torch._inductor.config.patch({"freezing": frozen, "cpp_wrapper": True}), torch.inference_mode():
+        options = {"freezing": frozen, "cpp_wrapper": True, **CPU_AUTOTUNE}  # the batch-1 step's (story_model.py)
+        with torch._inductor.config.patch(options), torch.inference_mode():
             products = torch.compile(products, dynamic=False)
             products(*xs)
 

@@ -34,6 +34,7 @@ from .sampling import SamplingOptions
 
 MAX_SAMPLES = 64
 AUTOTUNE_ROWS = 4  # a compiled step of up to this many rows times its matrix products' kernels (`_frozen`)
+CPU_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}  # inductor's options for that
 INSTRUCTIONS = ("words", "sentence", "features", "summary", "character", "request")  # generate()'s instruction keywords
 
 
@@ -256,7 +257,7 @@ def _frozen(step, device: torch.device, freezing: bool = True):
     # GEMM template and as aten's kernel, and the faster is kept (here the template: batch 1 int8 1,298 -> 1,686
     # tokens/s, bf16 882 -> 1,548; 4 rows bf16 2.0 -> 1.4 ms a step); at 8 rows and more it was slower in the
     # step (8 rows bf16 2.8 -> 3.4 ms), so bigger batches keep aten's kernels without the timing's compile cost
-    tuned = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if device.type == "cpu" else {}
+    tuned = CPU_AUTOTUNE if device.type == "cpu" else {}
     limits = {"recompile_limit": 1024, "accumulated_recompile_limit": 4096}
     compiled_shapes: set = set()
     lock = threading.Lock()
