@@ -162,7 +162,9 @@ def client_for(kind: str, url: str, timeout: float):
     """(client, its one-request function) for `--client plain` or `--client openai`."""
     if kind == "openai":
         return AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=timeout), one_openai
-    connector = aiohttp.TCPConnector(limit=0)  # no cap on connections: every stream at once
+    # no cap on connections (every stream at once), and a connection per request: llama-server may close a kept-alive
+    # connection after a streamed answer, and a request sent on it then fails with "Server disconnected"
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)), one_plain
 
 
